@@ -1,0 +1,1 @@
+"""Meta-Rewarding and Temporal Self-Rewarding: the method code (pure functions, no model code)."""

@@ -1,0 +1,139 @@
+"""Judge preference pairs: meta-judge battles, position-bias weights, Elo, and the pair choice.
+
+Conventions
+-----------
+* A battle ``(m, n)`` shows judgment m in the first position (``Judgment A``) and judgment n in
+  the second (``Judgment B``). Its result ``r^{mn}`` is 1 if the first position wins, -1 if the
+  second wins, 0 for a tie or an unparsable verdict (:func:`verdict_to_result`).
+* Elo scores are Bradley-Terry log-strengths (natural-log scale, not chess points): the model says
+  judgment m beats n with probability σ(e_m - e_n).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from metajudge.prompts import Winner
+
+Pair = tuple[int, int]
+
+
+def battle_pairs(n: int) -> list[Pair]:
+    """Every ordered pair ``(m, k)`` of distinct judgments ``0..n-1``: both orders of each pair.
+
+    n = 3 -> [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]; n(n-1) battles in all.
+    """
+    return [(m, k) for m, k in itertools.product(range(n), repeat=2) if m != k]
+
+
+def verdict_to_result(verdict: Optional[Winner]) -> int:
+    """r = 1 for ``"A"`` (first position wins), -1 for ``"B"``, 0 for None (tie or unparsable)."""
+    return {"A": 1, "B": -1, None: 0}[verdict]
+
+
+def position_weights(verdicts: Iterable[Optional[Winner]]) -> tuple[float, float]:
+    """Position-bias weights ``(ω1, ω2)`` over a whole batch of verdicts.
+
+    With win_1st = #"A" and win_2nd = #"B" (None does not count):
+    ω1 = win_2nd / (win_1st + win_2nd), ω2 = win_1st / (win_1st + win_2nd).
+    A win in the favoured position is worth less. With no decisive verdict: (0.5, 0.5).
+    Example: A, A, A, B, None -> (1/4, 3/4).
+    """
+    verdicts = list(verdicts)
+    win_1st, win_2nd = verdicts.count("A"), verdicts.count("B")
+    decisive = win_1st + win_2nd
+    if decisive == 0:
+        return 0.5, 0.5
+    return win_2nd / decisive, win_1st / decisive
+
+
+def battle_matrix(n: int, results: Mapping[Pair, int], w1: float, w2: float) -> np.ndarray:
+    """Battle scores ``B[m, k] = ω1·[r^{mk} = 1] + ω2·[r^{km} = -1]``, float64 ``[n, n]``.
+
+    B[m, k] is judgment m's weighted count of wins over k: as the first-position judgment of
+    battle (m, k), and as the second-position judgment of battle (k, m). A battle absent from
+    ``results`` counts as r = 0. The diagonal is 0.
+    """
+    b = np.zeros((n, n), dtype=np.float64)
+    for (m, k), r in results.items():
+        if m == k or not (0 <= m < n and 0 <= k < n) or r not in (1, -1, 0):
+            raise ValueError(f"bad battle {(m, k)} -> {r} for n={n}")
+        if r == 1:
+            b[m, k] += w1
+        elif r == -1:
+            b[k, m] += w2
+    return b
+
+
+def _bt_objective(b: np.ndarray, e: np.ndarray, l2: float) -> float:
+    """``Σ_{m,k} B[m,k]·log σ(e_m - e_k) - (l2/2)·‖e‖²``."""
+    d = e[:, None] - e[None, :]
+    return float(np.sum(b * -np.logaddexp(0.0, -d)) - 0.5 * l2 * np.dot(e, e))
+
+
+def _bt_gradient_hessian(b: np.ndarray, e: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient and Hessian of :func:`_bt_objective` in ``e``.
+
+    With p = σ(e_m - e_k): g_j = Σ_k B[j,k](1-p_jk) - Σ_m B[m,j](1-p_mj) - l2·e_j;
+    H = -(diag(S·1) - S) - l2·I where S = C + Cᵀ, C[m,k] = B[m,k]·p_mk·(1-p_mk).
+    """
+    d = e[:, None] - e[None, :]
+    p = 0.5 * (1.0 + np.tanh(0.5 * d))  # σ(d), overflow-free
+    w = b * (1.0 - p)
+    g = w.sum(axis=1) - w.sum(axis=0) - l2 * e
+    c = b * p * (1.0 - p)
+    s = c + c.T
+    h = -(np.diag(s.sum(axis=1)) - s) - l2 * np.eye(len(e))
+    return g, h
+
+
+def elo_scores(
+    b: np.ndarray, *, l2: float = 1e-3, iters: int = 100, tol: float = 1e-10
+) -> np.ndarray:
+    """Bradley-Terry scores ``ε = argmax Σ B[m,k]·log σ(ε_m - ε_k) - (l2/2)·‖ε‖²``.
+
+    The L2 term (l2 > 0) makes the maximiser unique and finite, also when a judgment wins or
+    loses every battle; it also centres it (Σ ε = 0 at the optimum). Solved by Newton's method
+    from ε = 0 with step halving, so the result is deterministic. Two players with B[0,1] = a,
+    B[1,0] = b and l2 → 0 give ε_0 - ε_1 = log(a/b).
+    """
+    if l2 <= 0:
+        raise ValueError("l2 must be > 0 for a unique, finite maximiser")
+    b = np.asarray(b, dtype=np.float64)
+    e = np.zeros(b.shape[0])
+    for _ in range(iters):
+        g, h = _bt_gradient_hessian(b, e, l2)
+        step = np.linalg.solve(h, -g)
+        t, base = 1.0, _bt_objective(b, e, l2)
+        while _bt_objective(b, e + t * step, l2) < base and t > 1e-8:
+            t *= 0.5
+        e = e + t * step
+        e = e - e.mean()
+        if np.max(np.abs(t * step)) < tol:
+            break
+    return e
+
+
+def judge_pair(
+    elo: Sequence[float],
+    judgment_lengths: Sequence[int],
+    max_len: Optional[int],
+    *,
+    atol: float = 1e-9,
+) -> Optional[Pair]:
+    """``(chosen, rejected)`` = (highest-Elo judgment, lowest-Elo judgment), or None.
+
+    Ties go to the lowest index on both sides. None when max(ε) - min(ε) <= atol (all judgments
+    equal) or when the chosen judgment is longer than ``max_len`` (None: no limit); lengths are in
+    whatever unit ``max_len`` uses (characters or tokens).
+    """
+    elo = np.asarray(elo, dtype=np.float64)
+    chosen, rejected = int(np.argmax(elo)), int(np.argmin(elo))
+    if elo[chosen] - elo[rejected] <= atol:
+        return None
+    if max_len is not None and judgment_lengths[chosen] > max_len:
+        return None
+    return chosen, rejected

@@ -1,0 +1,53 @@
+"""Actor preference pairs with length control (one prompt's K responses at a time).
+
+Decisions
+---------
+* A NaN score marks an unjudged response (every judgment failed to parse); it takes no part.
+* Both score bands are closed; their bounds get a tolerance of ``1e-9`` so a score that lies on a
+  bound in exact arithmetic is not lost to rounding (e.g. 0.68·5 + 0.32·1).
+* Tie-breaks: among equally short chosen candidates, and among equally long rejected candidates,
+  the lowest index wins.
+* ρ must lie in [0, 0.5]. Below 0.5 the bands are disjoint whenever S_max > S_min; at 0.5 they
+  share the midpoint, and a pair whose chosen score is not strictly above its rejected score
+  (possibly the same response) gives None.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+_BAND_TOL = 1e-9
+
+
+def select_actor_pair(
+    scores: Sequence[float], lengths: Sequence[int], rho: float
+) -> Optional[tuple[int, int]]:
+    """``(chosen, rejected)`` response indices for one prompt, or None.
+
+    chosen = the shortest response with score in [(1-ρ)·S_max + ρ·S_min, S_max];
+    rejected = the longest response with score in [S_min, (1-ρ)·S_min + ρ·S_max].
+    None when fewer than 2 scores are valid or all valid scores are equal. ρ = 0 is plain best
+    versus worst. Example: scores [5, 4, 1, 2], lengths [900, 300, 100, 400], ρ = 0.25: chosen
+    band [4, 5] -> index 1 (300 chars); rejected band [1, 2] -> index 3 (400 chars).
+    """
+    if not 0.0 <= rho <= 0.5:
+        raise ValueError(f"rho must lie in [0, 0.5], got {rho}")
+    s = np.asarray(scores, dtype=np.float64)
+    length = np.asarray(lengths)
+    if s.shape != length.shape:
+        raise ValueError(f"{len(scores)} scores but {len(lengths)} lengths")
+    valid = np.flatnonzero(np.isfinite(s))
+    if len(valid) < 2:
+        return None
+    s_max, s_min = s[valid].max(), s[valid].min()
+    if s_max == s_min:
+        return None
+    top = valid[s[valid] >= (1 - rho) * s_max + rho * s_min - _BAND_TOL]
+    bottom = valid[s[valid] <= (1 - rho) * s_min + rho * s_max + _BAND_TOL]
+    chosen = int(top[np.argmin(length[top])])  # argmin/argmax: first of equals = lowest index
+    rejected = int(bottom[np.argmax(length[bottom])])
+    if not s[chosen] > s[rejected]:
+        return None
+    return chosen, rejected
