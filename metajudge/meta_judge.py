@@ -34,38 +34,48 @@ def verdict_to_result(verdict: Optional[Winner]) -> int:
     return {"A": 1, "B": -1, None: 0}[verdict]
 
 
-def position_weights(verdicts: Iterable[Optional[Winner]]) -> tuple[float, float]:
-    """Position-bias weights ``(ω1, ω2)`` over a whole batch of verdicts.
+def positional_weights(verdicts: Iterable[int]) -> tuple[float, float]:
+    """Position-bias weights ``(ω1, ω2)`` over all comparisons of a batch.
 
-    With win_1st = #"A" and win_2nd = #"B" (None does not count):
-    ω1 = win_2nd / (win_1st + win_2nd), ω2 = win_1st / (win_1st + win_2nd).
-    A win in the favoured position is worth less. With no decisive verdict: (0.5, 0.5).
-    Example: A, A, A, B, None -> (1/4, 3/4).
+    ``verdicts`` hold r in {1, -1, 0} (1: the first position won, -1: the second, 0: tie or
+    unparsable). With win_1st = #(r = 1) and win_2nd = #(r = -1):
+    ω1 = win_2nd / (win_1st + win_2nd), ω2 = win_1st / (win_1st + win_2nd), so a win in the
+    favoured position is worth less. With no decisive verdict: (0.5, 0.5).
+    Example: 1, 1, 1, -1, 0 -> (1/4, 3/4).
     """
-    verdicts = list(verdicts)
-    win_1st, win_2nd = verdicts.count("A"), verdicts.count("B")
+    verdicts = [int(v) for v in verdicts]
+    if any(v not in (1, -1, 0) for v in verdicts):
+        raise ValueError(f"verdicts must be 1, -1 or 0, got {sorted(set(verdicts))}")
+    win_1st, win_2nd = verdicts.count(1), verdicts.count(-1)
     decisive = win_1st + win_2nd
     if decisive == 0:
         return 0.5, 0.5
     return win_2nd / decisive, win_1st / decisive
 
 
-def battle_matrix(n: int, results: Mapping[Pair, int], w1: float, w2: float) -> np.ndarray:
-    """Battle scores ``B[m, k] = ω1·[r^{mk} = 1] + ω2·[r^{km} = -1]``, float64 ``[n, n]``.
+def battle_matrix(r: np.ndarray, w1: float, w2: float) -> np.ndarray:
+    """Battle scores ``B[m, n] = ω1·[r[m, n] = 1] + ω2·[r[n, m] = -1]``, float64 ``[N, N]``.
 
-    B[m, k] is judgment m's weighted count of wins over k: as the first-position judgment of
-    battle (m, k), and as the second-position judgment of battle (k, m). A battle absent from
-    ``results`` counts as r = 0. The diagonal is 0.
+    ``r[m, n]`` is the verdict of the battle that shows judgment m first and n second (1, -1 or
+    0; 0 also for a battle that was not held). B[m, n] is m's weighted count of wins over n: in the
+    first position of battle (m, n) and in the second position of battle (n, m). The diagonal is 0.
     """
-    b = np.zeros((n, n), dtype=np.float64)
-    for (m, k), r in results.items():
-        if m == k or not (0 <= m < n and 0 <= k < n) or r not in (1, -1, 0):
-            raise ValueError(f"bad battle {(m, k)} -> {r} for n={n}")
-        if r == 1:
-            b[m, k] += w1
-        elif r == -1:
-            b[k, m] += w2
-    return b
+    r = np.asarray(r)
+    if r.ndim != 2 or r.shape[0] != r.shape[1] or not np.isin(r, (1, -1, 0)).all():
+        raise ValueError(f"r must be a square matrix of 1, -1, 0; got shape {r.shape}")
+    b = w1 * (r == 1) + w2 * (r.T == -1)
+    np.fill_diagonal(b, 0.0)
+    return b.astype(np.float64)
+
+
+def results_matrix(n: int, results: Mapping[Pair, int]) -> np.ndarray:
+    """The ``[n, n]`` verdict matrix ``r`` from a mapping ``(m, k) -> r^{mk}``; absent battles are 0."""
+    r = np.zeros((n, n), dtype=np.int64)
+    for (m, k), v in results.items():
+        if m == k or not (0 <= m < n and 0 <= k < n) or v not in (1, -1, 0):
+            raise ValueError(f"bad battle {(m, k)} -> {v} for n={n}")
+        r[m, k] = v
+    return r
 
 
 def _bt_objective(b: np.ndarray, e: np.ndarray, l2: float) -> float:

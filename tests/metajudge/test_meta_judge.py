@@ -12,7 +12,8 @@ from metajudge.meta_judge import (
     battle_pairs,
     elo_scores,
     judge_pair,
-    position_weights,
+    positional_weights,
+    results_matrix,
     verdict_to_result,
 )
 
@@ -67,25 +68,25 @@ def test_verdict_to_result_maps_first_position_win_to_plus_one():
 
 def test_position_weights_hand_example():
     # win_1st = 3 (A), win_2nd = 1 (B), None ignored: ω1 = 1/(3+1), ω2 = 3/(3+1)
-    assert position_weights(["A", "A", "A", "B", None]) == (0.25, 0.75)
+    assert positional_weights([1, 1, 1, -1, 0]) == (0.25, 0.75)
 
 
-@pytest.mark.parametrize("verdicts", [[], [None, None]])
+@pytest.mark.parametrize("verdicts", [[], [0, 0]])
 def test_position_weights_without_decisive_verdicts_are_one_half_each(verdicts):
-    assert position_weights(verdicts) == (0.5, 0.5)
+    assert positional_weights(verdicts) == (0.5, 0.5)
 
 
 def test_position_weights_when_second_position_always_wins():
     # win_1st = 0, win_2nd = 2: ω1 = 2/2 = 1 (first-position wins are rare, so worth full), ω2 = 0
-    assert position_weights(iter(["B", "B"])) == (1.0, 0.0)
+    assert positional_weights(iter([-1, -1])) == (1.0, 0.0)
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.sampled_from(["A", "B", None]), max_size=40))
+@given(st.lists(st.sampled_from([1, -1, 0]), max_size=40))
 def test_position_weights_match_numpy_counts(verdicts):
-    v = np.array(verdicts, dtype=object)
-    win_1st, win_2nd = int(np.sum(v == "A")), int(np.sum(v == "B"))
-    w1, w2 = position_weights(verdicts)
+    v = np.array(verdicts)
+    win_1st, win_2nd = int(np.sum(v == 1)), int(np.sum(v == -1))
+    w1, w2 = positional_weights(verdicts)
     if win_1st + win_2nd:
         assert w1 == pytest.approx(win_2nd / (win_1st + win_2nd))
         assert w2 == pytest.approx(win_1st / (win_1st + win_2nd))
@@ -103,7 +104,7 @@ def test_battle_matrix_hand_example():
     # (1,2): r=-1 -> B[2,1] += ω2;  (2,1): r=1 -> B[2,1] += ω1     => B[2,1] = 1.0
     results = {(0, 1): 1, (1, 0): -1, (0, 2): 0, (2, 0): 1, (1, 2): -1, (2, 1): 1}
     expected = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.25, 1.0, 0.0]])
-    np.testing.assert_array_equal(battle_matrix(3, results, 0.25, 0.75), expected)
+    np.testing.assert_array_equal(battle_matrix(results_matrix(3, results), 0.25, 0.75), expected)
 
 
 @settings(max_examples=50, deadline=None)
@@ -120,7 +121,7 @@ def test_battle_matrix_matches_the_formula_entry_by_entry(case):
     n, rs, w1 = case
     w2 = 1.0 - w1
     results = dict(zip(battle_pairs(n), rs))
-    b = battle_matrix(n, results, w1, w2)
+    b = battle_matrix(results_matrix(n, results), w1, w2)
     for m in range(n):
         for k in range(n):
             want = 0.0 if m == k else w1 * (results[(m, k)] == 1) + w2 * (results[(k, m)] == -1)
@@ -128,14 +129,19 @@ def test_battle_matrix_matches_the_formula_entry_by_entry(case):
 
 
 def test_battle_matrix_missing_battle_counts_as_no_result():
-    b = battle_matrix(2, {(0, 1): -1}, 0.5, 0.5)  # (1, 0) absent; (0, 1): 1 won as second
+    b = battle_matrix(results_matrix(2, {(0, 1): -1}), 0.5, 0.5)  # (1, 0) absent; (0, 1): 1 won as second
     np.testing.assert_array_equal(b, [[0.0, 0.0], [0.5, 0.0]])
 
 
 @pytest.mark.parametrize("results", [{(0, 0): 1}, {(0, 2): 1}, {(0, 1): 2}])
-def test_battle_matrix_rejects_bad_battles(results):
+def test_results_matrix_rejects_bad_battles(results):
     with pytest.raises(ValueError):
-        battle_matrix(2, results, 0.5, 0.5)
+        results_matrix(2, results)
+
+
+def test_battle_matrix_rejects_verdicts_outside_plus_minus_one_and_zero():
+    with pytest.raises(ValueError):
+        battle_matrix(np.array([[0, 2], [1, 0]]), 0.5, 0.5)
 
 
 # --- Elo ----------------------------------------------------------------------------------------
@@ -211,11 +217,20 @@ def test_judge_pair_end_to_end_hand_example():
     # 1 beats 0 and 2, 2 beats only 0, 0 beats nobody -> Elo order 1 > 2 > 0, pair (1, 0)
     verdicts = {(0, 1): "B", (1, 0): "A", (0, 2): "B", (2, 0): "A", (1, 2): "A", (2, 1): None}
     assert sorted(verdicts) == sorted(battle_pairs(3))
-    w1, w2 = position_weights(verdicts.values())
-    assert (w1, w2) == pytest.approx((0.4, 0.6))
     results = {pair: verdict_to_result(v) for pair, v in verdicts.items()}
-    b = battle_matrix(3, results, w1, w2)
+    w1, w2 = positional_weights(results.values())
+    assert (w1, w2) == pytest.approx((0.4, 0.6))
+    b = battle_matrix(results_matrix(3, results), w1, w2)
     np.testing.assert_allclose(b, [[0, 0, 0], [1, 0, 0.4], [1, 0, 0]])
     e = elo_scores(b)
     assert e[1] > e[2] > e[0]
     assert judge_pair(e, [100, 200, 300], max_len=250) == (1, 0)
+
+
+def test_elo_with_judgments_that_had_no_battles_is_finite_and_zero_for_them():
+    # Judgment 2 never battled (all verdicts unparsable): it must get 0, not NaN.
+    b = np.array([[0.0, 1.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    e = elo_scores(b)
+    assert np.all(np.isfinite(e)) and abs(e.sum()) < 1e-9
+    assert e[0] > 0 > e[1] and abs(e[2]) < 1e-6
+    assert np.all(elo_scores(np.zeros((4, 4))) == 0.0)

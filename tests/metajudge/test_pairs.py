@@ -1,4 +1,4 @@
-"""Tests for metajudge.selection: actor pairs with length control."""
+"""Tests for metajudge.pairs: actor pairs with length control."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metajudge.selection import select_actor_pair
+from metajudge.pairs import select_actor_pair
 
 NAN = math.nan
 
