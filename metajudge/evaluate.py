@@ -1,0 +1,284 @@
+"""Evaluation statistics: win rate with a bootstrap CI, length-controlled win rate, order averaging.
+
+Conventions
+-----------
+* ``preferences[i]`` ∈ [0, 1] is the probability that the model's answer beats the baseline's on
+  prompt i (1 = model wins, 0 = baseline wins, 0.5 = tie or no verdict). NaN is rejected: an
+  unparsed verdict is a tie (0.5), decided in :func:`verdicts_to_preference`.
+* The judge runs in both orders. "First" is the run with the model in position A, "second" the run
+  with the baseline in position A; every per-run number is P(judge prefers position A).
+* Lengths are whatever unit the caller measures (AlpacaEval reports characters).
+
+Length-controlled win rate (AlpacaEval 2 style, METHODS.md)
+-----------------------------------------------------------
+P(model wins on i) = σ(z_i), z_i = θ + φ·x_i + ψ·γ_i, x_i = tanh((L^m_i - L^b_i) / s),
+s = std(L^m - L^b) (ddof = 1, as pandas); γ_i an optional per-instruction difficulty.
+Fitted by penalised maximum likelihood with soft targets p_i (cross-entropy):
+
+    minimise  Σ_i [softplus(z_i) - p_i·z_i] + (λ_φ/2)·φ² + (λ_0/2)·(θ² + ψ²)
+
+(softplus(z) - p·z = -p·log σ(z) - (1-p)·log(1-σ(z))). Solved by Newton's method from 0 with step
+halving (deterministic). LC = mean_i σ(θ + ψ·γ_i): the predicted win rate with the length term at 0.
+
+* λ_φ = ``length_l2`` (default 1.0, as sklearn's C = 1) keeps φ finite when length alone separates
+  wins from losses. It is negligible against the likelihood at n in the hundreds when the judge is
+  noisy; when length separates the outcomes exactly, the shrunk φ leaves θ a small bias that fades
+  with n (a judge that always picks the longer answer: median LC 0.545 at n = 805, 0.523 at
+  n = 5000).
+* λ_0 = 1e-3 keeps θ finite when every preference is 0 (or every one is 1): θ then solves
+  n·σ(θ) = -λ_0·θ, so n = 50 gives LC ≈ 1.7e-4 and n = 805 gives 1.4e-5. It shrinks toward
+  LC = 0.5, the conservative side.
+* Degenerate lengths (n < 2, or s = 0, e.g. all lengths equal) give x = 0, hence φ = 0: no length
+  term, and LC equals the raw win rate up to λ_0.
+
+AlpacaEval differs in two ways we do not copy: it picks an L1 strength by 5-fold CV, and it
+regularises toward two "gamed" (verbose / concise) baseline models whose judgments we lack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from metajudge.prompts import Winner
+
+_WEAK_L2 = 1e-3  # λ_0: on θ and ψ (and per-model θ_m in instruction_difficulty)
+
+
+def _preferences(preferences: ArrayLike) -> np.ndarray:
+    """Validated 1-D float64 array of preferences in [0, 1]; at least one."""
+    p = np.asarray(preferences, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"preferences must be a non-empty 1-D array, got shape {p.shape}")
+    if not np.all((p >= 0.0) & (p <= 1.0)):  # also rejects NaN
+        raise ValueError("preferences must lie in [0, 1] (NaN is not allowed)")
+    return p
+
+
+def win_rate(
+    preferences: ArrayLike, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(rate, ci_low, ci_high)``: rate = (1/n)·Σ_i p_i, with a percentile bootstrap CI.
+
+    Each of ``n_boot`` replicates draws n prompt indices with replacement (``default_rng(seed)``)
+    and takes their mean; the CI is the (α/2, 1 - α/2) quantiles of the replicates,
+    α = 1 - confidence.
+    Example: [1, 0, 0.5, 1] -> rate 0.625; constant preferences c give (c, c, c).
+    """
+    p = _preferences(preferences)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    boot = p[rng.integers(0, p.size, size=(n_boot, p.size))].mean(axis=1)
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(boot, [alpha / 2, 1.0 - alpha / 2])
+    return float(p.mean()), float(lo), float(hi)
+
+
+def _softplus(z: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, z)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free σ
+
+
+def _fit_logistic(
+    x: np.ndarray, p: np.ndarray, l2: np.ndarray, *, iters: int = 100, tol: float = 1e-10
+) -> np.ndarray:
+    """``β = argmin Σ_i [softplus(x_i·β) - p_i·x_i·β] + ½·Σ_j l2_j·β_j²`` (soft labels, ridge).
+
+    Newton from β = 0 with step halving: g = Xᵀ(σ(Xβ) - p) + l2⊙β,
+    H = Xᵀ·diag(σ(1-σ))·X + diag(l2).
+    Every l2_j > 0, so H is positive definite and the minimiser unique and finite.
+    """
+
+    def objective(b: np.ndarray) -> float:
+        z = x @ b
+        return float(np.sum(_softplus(z) - p * z) + 0.5 * np.dot(l2 * b, b))
+
+    beta = np.zeros(x.shape[1])
+    for _ in range(iters):
+        q = _sigmoid(x @ beta)
+        g = x.T @ (q - p) + l2 * beta
+        h = (x.T * (q * (1.0 - q))) @ x + np.diag(l2)
+        step = np.linalg.solve(h, -g)
+        t, base = 1.0, objective(beta)
+        while objective(beta + t * step) > base and t > 1e-8:
+            t *= 0.5
+        beta = beta + t * step
+        if np.max(np.abs(t * step)) < tol:
+            break
+    return beta
+
+
+@dataclass(frozen=True)
+class LengthGLM:
+    """Fitted z_i = θ + φ·tanh((L^m_i - L^b_i)/length_scale) + ψ·γ_i.
+
+    length_scale = 0 means no length term (φ = 0); ψ = 0 when no difficulty was given.
+    """
+
+    theta: float
+    phi: float
+    psi: float
+    length_scale: float
+
+
+def _length_feature(
+    model_lengths: ArrayLike, baseline_lengths: ArrayLike, n: int
+) -> tuple[np.ndarray, float]:
+    """``(x, s)``: x_i = tanh(d_i/s), d = L^m - L^b, s = std(d, ddof=1);
+    x = 0 and s = 0 when n < 2 or s = 0.
+    """
+    lm = np.asarray(model_lengths, dtype=np.float64)
+    lb = np.asarray(baseline_lengths, dtype=np.float64)
+    if lm.shape != (n,) or lb.shape != (n,):
+        raise ValueError(f"{n} preferences but lengths of shape {lm.shape} and {lb.shape}")
+    if not (np.all(np.isfinite(lm)) and np.all(np.isfinite(lb))):
+        raise ValueError("lengths must be finite")
+    d = lm - lb
+    s = float(np.std(d, ddof=1)) if n >= 2 else 0.0
+    if not s > 0.0:
+        return np.zeros(n), 0.0
+    return np.tanh(d / s), s
+
+
+def fit_length_glm(
+    preferences: ArrayLike,
+    model_lengths: ArrayLike,
+    baseline_lengths: ArrayLike,
+    *,
+    difficulty: Optional[ArrayLike] = None,
+    length_l2: float = 1.0,
+) -> LengthGLM:
+    """Penalised ML fit of P(model wins on i) = σ(θ + φ·x_i + ψ·γ_i) to soft preferences p_i.
+
+    See the module docstring for the objective; ψ = 0 (column absent) when ``difficulty`` is None.
+    γ enters with a fitted coefficient ψ, as in AlpacaEval, so any scale of difficulty works; a
+    γ on the logit scale (e.g. from :func:`instruction_difficulty`) gives ψ ≈ 1.
+    """
+    p = _preferences(preferences)
+    if length_l2 <= 0:
+        raise ValueError(f"length_l2 must be > 0, got {length_l2}")
+    x_len, s = _length_feature(model_lengths, baseline_lengths, p.size)
+    gamma = _difficulty(difficulty, p.size)
+    x = np.stack([np.ones(p.size), x_len, gamma], axis=1)
+    l2 = np.array([_WEAK_L2, length_l2, _WEAK_L2])
+    theta, phi, psi = _fit_logistic(x, p, l2)
+    return LengthGLM(theta=float(theta), phi=float(phi), psi=float(psi), length_scale=s)
+
+
+def _difficulty(difficulty: Optional[ArrayLike], n: int) -> np.ndarray:
+    """γ as n finite floats; zeros (no difficulty column effect: ψ = 0) when None."""
+    if difficulty is None:
+        return np.zeros(n)
+    gamma = np.asarray(difficulty, dtype=np.float64)
+    if gamma.shape != (n,) or not np.all(np.isfinite(gamma)):
+        raise ValueError(f"difficulty must be {n} finite numbers, got shape {gamma.shape}")
+    return gamma
+
+
+def lc_win_rate(
+    preferences: ArrayLike,
+    model_lengths: ArrayLike,
+    baseline_lengths: ArrayLike,
+    *,
+    difficulty: Optional[ArrayLike] = None,
+    length_l2: float = 1.0,
+) -> float:
+    """Length-controlled win rate LC = (1/n)·Σ_i σ(θ + ψ·γ_i), θ, ψ from :func:`fit_length_glm`.
+
+    Without ``difficulty`` this is σ(θ). With equal lengths (no length term) it equals the raw win
+    rate up to the weak penalty λ_0; always finite and in [0, 1].
+    """
+    glm = fit_length_glm(
+        preferences, model_lengths, baseline_lengths, difficulty=difficulty, length_l2=length_l2
+    )
+    gamma = _difficulty(difficulty, np.asarray(preferences).size)
+    return float(np.mean(_sigmoid(glm.theta + glm.psi * gamma)))
+
+
+def instruction_difficulty(preferences_mn: ArrayLike, *, l2: float = 1.0) -> np.ndarray:
+    """Per-instruction difficulty γ (logit scale, mean 0) from several models' preferences.
+
+    ``preferences_mn[m, i]``: model m against the same baseline on instruction i. Fits
+    P = σ(θ_m + γ_i) by soft-label ML with ridge (l2/2)·‖γ‖² (+ λ_0 on θ) and returns γ - mean(γ).
+    With one observation per instruction per model, γ is only identified across models: use M ≥ 2
+    (better ≥ 5). Pass the result as ``difficulty`` to :func:`lc_win_rate`.
+    """
+    p = np.asarray(preferences_mn, dtype=np.float64)
+    if p.ndim != 2 or p.size == 0:
+        raise ValueError(f"preferences_mn must be a non-empty [M, N] array, got shape {p.shape}")
+    _preferences(p.ravel())
+    m, n = p.shape
+    x = np.concatenate(
+        [np.repeat(np.eye(m), n, axis=0), np.tile(np.eye(n), (m, 1))], axis=1
+    )  # row m·n + i: one-hot model m, one-hot instruction i
+    beta = _fit_logistic(x, p.ravel(), np.concatenate([np.full(m, _WEAK_L2), np.full(n, l2)]))
+    gamma = beta[m:]
+    return gamma - gamma.mean()
+
+
+def order_averaged_preference(p_model_first: ArrayLike, p_model_second: ArrayLike) -> np.ndarray:
+    """Preference from both orders: (p_first + (1 - p_second)) / 2.
+
+    p_first[i] = P(judge prefers A) with the model as A; p_second[i] = P(judge prefers A) with the
+    baseline as A. A judge that favours position A by a fixed b (p_first = π + b,
+    p_second = 1 - π + b) gives back π; one that always says A gives 0.5.
+    """
+    first = _preferences(p_model_first)
+    second = _preferences(p_model_second)
+    if first.shape != second.shape:
+        raise ValueError(f"{first.size} first-order but {second.size} second-order judgments")
+    return 0.5 * (first + (1.0 - second))
+
+
+_P_FIRST_POSITION = {"A": 1.0, "B": 0.0, None: 0.5}
+
+
+def verdicts_to_preference(
+    verdicts_first: Sequence[Optional[Winner]], verdicts_second: Sequence[Optional[Winner]]
+) -> np.ndarray:
+    """Order-averaged preference from parsed verdicts: P(A) = 1 for 'A', 0 for 'B', 0.5 for None.
+
+    Example: first (model is A) ['A', 'B', None], second (baseline is A) ['B', 'B', 'A']
+    -> model view (1 + 1)/2, (0 + 1)/2, (0.5 + 0)/2 = [1, 0.5, 0.25].
+    """
+    try:
+        first = [_P_FIRST_POSITION[v] for v in verdicts_first]
+        second = [_P_FIRST_POSITION[v] for v in verdicts_second]
+    except KeyError as e:
+        raise ValueError(f"verdict must be 'A', 'B' or None, got {e.args[0]!r}") from None
+    return order_averaged_preference(first, second)
+
+
+def summarize(
+    preferences: ArrayLike,
+    model_lengths: ArrayLike,
+    baseline_lengths: ArrayLike,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """One results-table row for an iteration's model against the baseline.
+
+    win_rate, ci_low, ci_high (95 % bootstrap), lc_win_rate: fractions in [0, 1];
+    avg_length, baseline_avg_length: mean lengths in the caller's unit (chars); n: prompts.
+    """
+    p = _preferences(preferences)
+    rate, lo, hi = win_rate(p, n_boot=n_boot, seed=seed)
+    return {
+        "win_rate": rate,
+        "ci_low": lo,
+        "ci_high": hi,
+        "lc_win_rate": lc_win_rate(p, model_lengths, baseline_lengths),
+        "avg_length": float(np.mean(np.asarray(model_lengths, dtype=np.float64))),
+        "baseline_avg_length": float(np.mean(np.asarray(baseline_lengths, dtype=np.float64))),
+        "n": int(p.size),
+    }
