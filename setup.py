@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["models*", "kernels*", "metajudge*", "experiments*", "benchmarks*"]),
+    package_data={"metajudge.prompt_data": ["*.jsonl"]},
     install_requires=[
         "jax>=0.6.1,<0.12",
         "flax>=0.12.0,<0.14",
