@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import dispatch as attention_kernels
 from models.sharding import ShardingContext, constrain
 
 Array = jax.Array
@@ -60,7 +61,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # "xla", "pallas" or "auto" (Pallas on TPU/GPU, XLA on CPU)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -69,8 +70,8 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.attention_impl not in ("xla", "auto"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}: only 'xla' (or 'auto') is available")
+        if self.attention_impl not in attention_kernels.IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {attention_kernels.IMPLS}")
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -217,10 +218,14 @@ class KVCache:
 
 
 def attention_mask(q_pos: Array, k_pos: Array, q_seg: Optional[Array], k_seg: Optional[Array]) -> Array:
-    """``[B, T, S]`` boolean: same segment (0 = padding), key position valid and not in the future."""
+    """``[B, T, S]`` boolean: same segment (0 = padding), key position valid and not in the future.
+
+    Keys without segment ids (the KV cache) only need a live query (``q_seg != 0``)."""
     mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
     if q_seg is not None:
-        mask &= (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+        mask &= q_seg[:, :, None] != 0
+        if k_seg is not None:
+            mask &= q_seg[:, :, None] == k_seg[:, None, :]
     return mask
 
 
@@ -280,17 +285,19 @@ class Attention(nnx.Module):
         q = apply_rope(q, pos_bt, inv_freq)
         k = apply_rope(k.transpose(0, 2, 1, 3), pos_bt, inv_freq).transpose(0, 2, 1, 3)
         if layer_cache is None:
-            mask = attention_mask(pos_bt, pos_bt, seg_bt, seg_bt)
-            new_cache = None
+            kv_pos, kv_seg, new_cache = pos_bt, seg_bt, None
         else:
             k_cache, v_cache, slot_pos, end = layer_cache
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, end, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, end, 0))
-            mask = attention_mask(pos_bt, slot_pos, None, None)
-            if seg_bt is not None:
-                mask &= (seg_bt != 0)[:, :, None]
-            new_cache = (k, v)
-        out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask)
+            kv_pos, kv_seg, new_cache = slot_pos, None, (k, v)
+        if attention_kernels.resolve_impl(self.config.attention_impl) == "pallas":
+            out = attention_kernels.attention(
+                q, k.astype(dt), v.astype(dt), q_positions=pos_bt, kv_positions=kv_pos,
+                q_segment_ids=seg_bt, kv_segment_ids=kv_seg, impl="pallas",
+            )
+        else:
+            out = dot_product_attention(q, k.astype(dt), v.astype(dt), attention_mask(pos_bt, kv_pos, seg_bt, kv_seg))
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj_nhd.value.astype(dt))
         return out, new_cache
 

@@ -1,0 +1,110 @@
+"""One entry point for the model's attention: XLA or the Pallas kernels, chosen per backend.
+
+``attention(q_btnh, k_bksh, v_bksh, q_positions=..., kv_positions=..., ...)`` takes the tensors and
+mask inputs of ``models.llama.Attention`` (keys and values in the KV-cache layout ``[B, K, S, H]``)
+and implements exactly the mask of ``models.llama.attention_mask``:
+
+    query i sees key j  iff  kv_pos[j] >= 0 and kv_pos[j] <= q_pos[i]
+                             and, with q_segment_ids, q_seg[i] != 0
+                             and, with kv_segment_ids too, q_seg[i] == kv_seg[j]
+
+Fully masked query rows return zeros. ``impl``: ``"xla"`` (einsums, the model's numerics),
+``"pallas"`` (``flash_attention``; ``decode_attention`` for one query token against a cache) or
+``"auto"`` (Pallas on TPU and GPU, XLA on CPU; ``resolve_impl``). ``interpret=None`` runs Pallas
+in the interpreter exactly when there is no accelerator, so ``impl="pallas"`` also works in CPU
+tests.
+
+The Pallas path asks only for the tiles the mask can reach: causality by position, padding and
+packed segments are skipped block by block (``kernels/block_mask.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from kernels import compat
+from kernels.decode_attention import decode_attention
+from kernels.flash_attention import BlockSizes, flash_attention
+
+Array = jax.Array
+IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """``"xla"`` or ``"pallas"``: ``"auto"`` picks Pallas on TPU/GPU and XLA on CPU."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r}: expected one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if compat.platform() in compat.BACKENDS else "xla"
+    return impl
+
+
+def attention_mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None) -> Array:
+    """``[B, T, S]`` boolean, the rule in the module docstring."""
+    mask = (kv_positions[:, None, :] <= q_positions[:, :, None]) & (kv_positions[:, None, :] >= 0)
+    if q_segment_ids is not None:
+        mask &= (q_segment_ids != 0)[:, :, None]
+        if kv_segment_ids is not None:
+            mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return mask
+
+
+def _xla_attention(q_btnh, k_bksh, v_bksh, mask_bts) -> Array:
+    b, t, n, h = q_btnh.shape
+    kh = k_bksh.shape[1]
+    q = q_btnh.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_bksh).astype(jnp.float32) * (1.0 / math.sqrt(h))
+    m = mask_bts[:, None, None, :, :]
+    probs = jax.nn.softmax(jnp.where(m, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(v_bksh.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh)
+    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def attention(
+    q_btnh: Array,
+    k_bksh: Array,
+    v_bksh: Array,
+    *,
+    q_positions: Array,
+    kv_positions: Array,
+    q_segment_ids: Optional[Array] = None,
+    kv_segment_ids: Optional[Array] = None,
+    impl: str = "auto",
+    interpret: Optional[bool] = None,
+    block_sizes: Optional[BlockSizes] = None,
+) -> Array:
+    """Grouped-query attention ``[B, T, N, H]`` with the model's position/segment mask.
+
+    ``k_bksh``/``v_bksh [B, K, S, H]``; ``q_positions [B, T]``, ``kv_positions [B, S]`` (``-1``:
+    empty slot); ``q_segment_ids [B, T]`` and ``kv_segment_ids [B, S]`` optional (keys carry no
+    segments in the KV-cache path: then only ``q_seg != 0`` applies).
+    """
+    q_pos = jnp.asarray(q_positions, jnp.int32)
+    kv_pos = jnp.asarray(kv_positions, jnp.int32)
+    if resolve_impl(impl) == "xla":
+        return _xla_attention(q_btnh, k_bksh, v_bksh, attention_mask(q_pos, kv_pos, q_segment_ids, kv_segment_ids))
+
+    b, t = q_btnh.shape[:2]
+    if t == 1 and kv_segment_ids is None:  # one sampled token against the cache
+        query_pos = q_pos[:, 0]
+        if q_segment_ids is not None:
+            query_pos = jnp.where(q_segment_ids[:, 0] != 0, query_pos, -1)
+        out = decode_attention(q_btnh[:, 0], k_bksh, v_bksh, pos=kv_pos, query_pos=query_pos, interpret=interpret)
+        return out[:, None]
+
+    segments = None
+    if q_segment_ids is not None:
+        if kv_segment_ids is None:  # cache prefill: live queries see every valid slot
+            segments = ((q_segment_ids != 0).astype(jnp.int32), jnp.ones(kv_pos.shape, jnp.int32))
+        else:
+            segments = (q_segment_ids, kv_segment_ids)
+    return flash_attention(
+        q_btnh, k_bksh.transpose(0, 2, 1, 3), v_bksh.transpose(0, 2, 1, 3),
+        causal=True, segment_ids=segments, positions=(q_pos, kv_pos),
+        block_sizes=block_sizes, interpret=interpret,
+    )
