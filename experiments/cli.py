@@ -1,0 +1,126 @@
+"""What every entry point shares: user errors as one line (exit 2), and ``--set key=value`` overrides.
+
+``run_main(main)`` runs ``main(argv)`` and turns the errors a user can fix (a bad data file, a bad
+preset or model path, a diverged run, a missing file, a bad option) into ``error: <message>`` on
+stderr and exit status 2, without a traceback. Anything else is a bug and keeps its traceback.
+
+``apply_overrides(cfg, ["train.learning_rate=1e-5", "pack=false"])`` replaces fields of a frozen
+dataclass by dotted name, parsing each value with the field's declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Callable, Literal, Optional, Sequence, Union
+
+
+class UsageError(Exception):
+    """A bad command line or configuration; the message says what to change."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from metajudge.data import DataError
+    from metajudge.train import TrainingDiverged
+    from models.checkpoint_formats import LoadError
+
+    return (UsageError, LoadError, DataError, TrainingDiverged, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def error_message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+def run_main(fn: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> None:
+    """Runs ``fn()`` (``fn(argv)`` when ``argv`` is given) and exits: 0 (or ``fn``'s int result),
+    2 on a user error, 130 on Ctrl-C."""
+    try:
+        rc = fn() if argv is None else fn(argv)
+    except _user_errors() as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+# ------------------------------------------------------------------------------ --set overrides
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_value(raw: str, tp: Any, key: str) -> Any:
+    """``raw`` as type ``tp`` (bool, int, float, str, Optional, Literal, tuple[X, ...])."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and raw.strip().lower() in ("none", "null"):
+            return None
+        rest = [a for a in args if a is not type(None)]
+        errors = []
+        for a in rest:
+            try:
+                return parse_value(raw, a, key)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[0] if errors else f"--set {key}: cannot parse {raw!r}")
+    if origin is Literal:
+        for a in args:
+            if str(a) == raw:
+                return a
+        raise UsageError(f"--set {key}={raw}: must be one of {', '.join(map(str, args))}")
+    if origin is tuple:
+        item = args[0] if args else str
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        return tuple(parse_value(p, item, key) for p in parts)
+    if tp is bool:
+        low = raw.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise UsageError(f"--set {key}={raw}: expected true or false")
+    if tp in (int, float):
+        try:
+            return tp(raw)
+        except ValueError:
+            raise UsageError(f"--set {key}={raw}: expected {'an integer' if tp is int else 'a number'}") from None
+    if tp is str or tp is Any:
+        return raw
+    raise UsageError(f"--set {key}: fields of type {tp} cannot be set from the command line")
+
+
+def _set(obj: Any, path: list[str], raw: str, key: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    name = path[0]
+    if name not in fields:
+        raise UsageError(f"--set {key}: {type(obj).__name__} has no field {name!r}; fields: {', '.join(fields)}")
+    if len(path) > 1:
+        sub = getattr(obj, name)
+        if not dataclasses.is_dataclass(sub):
+            raise UsageError(f"--set {key}: {name!r} is not a group of settings")
+        value = _set(sub, path[1:], raw, key)
+    else:
+        value = parse_value(raw, typing.get_type_hints(type(obj))[name], key)
+    try:
+        return dataclasses.replace(obj, **{name: value})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--set {key}={raw}: {e}") from None
+
+
+def apply_overrides(cfg: Any, items: Sequence[str]) -> Any:
+    """``cfg`` with each ``dotted.name=value`` of ``items`` applied, in order."""
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-5")
+        cfg = _set(cfg, key.split("."), raw.strip(), key)
+    return cfg
+
+
+def config_dict(cfg: Any) -> dict:
+    """A JSON-ready dict of a (nested) dataclass config."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,47 @@
+"""Meta-Rewarding: `python -m experiments.meta_reward --preset NAME --out DIR [--set key=value ...]`.
+
+The actor's pairs come from the judge's scores (with length control); in the iterations listed in
+`judge_pair_iterations` the meta-judge's battles between judgments give the judge's pairs too.
+A restarted command with the same --out resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from experiments.cli import apply_overrides, run_main
+
+
+def parse_args(prog: str, doc: str, default_preset: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    ap.add_argument("--preset", default=default_preset, help="tiny, smollm2_cpu or llama3_8b_paper")
+    ap.add_argument("--out", default=None, help="run directory (default: runs/<method>-<preset>)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting by dotted name, e.g. actor.n=7 or dpo.train.learning_rate=1e-6")
+    return ap.parse_args(argv)
+
+
+def cli(method: str, argv: Optional[Sequence[str]], doc: str) -> int:
+    from experiments.loop import run_loop
+    from experiments.presets import get_preset
+
+    args = parse_args(f"python -m experiments.{method}", doc, "smollm2_cpu", argv)
+    cfg = apply_overrides(get_preset(args.preset, method), args.set)
+    out = args.out or os.path.join("runs", f"{method}-{args.preset}")
+    result = run_loop(cfg, out)
+    last = result["iterations"][-1] if result["iterations"] else {}
+    print(f"\n{method}: {len(result['iterations'])} iteration(s) done; "
+          f"last: {last.get('actor_pairs', 0)} actor pairs, {last.get('judge_pairs', 0)} judge pairs", file=sys.stderr)
+    print(f"report: {os.path.join(out, 'report.md')} (plots: {os.path.join(out, 'metrics.png')})")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli("meta_reward", argv, __doc__)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,148 @@
+"""Checkpoints of a training run: params, optimizer state, step, rng, data-iterator state, metadata.
+
+A thin wrapper over orbax's ``CheckpointManager``. Each step directory holds four items::
+
+    <directory>/<step>/params   the model parameters (alone, so export reads nothing else)
+                      /opt      {opt_state, step, rng}
+                      /data     the grain iterator state (JSON)
+                      /extra    free-form JSON metadata (configs, last metrics)
+
+Saves are atomic: orbax writes ``<step>.orbax-checkpoint-tmp-<n>`` and renames it to ``<step>``
+only once every item is written, so a crash mid-save leaves the previous checkpoints as they were
+and the half-written directory is never listed (and is removed when a manager is next opened).
+
+Restoring takes an abstract train state (``metajudge.train.abstract_train_state``) whose leaves
+carry the target shardings, so a checkpoint written on one mesh loads onto another (a different
+device count included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from metajudge.train import TrainState, train_state_shardings
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: TrainState
+    data_state: dict
+    extra: dict
+
+
+class CheckpointManager:
+    """``save`` / ``latest_step`` / ``restore`` / ``export_hf`` for one run directory.
+
+    ``keep`` most recent checkpoints are kept. Saves are synchronous by default: the train step
+    donates its state buffers, so the arrays must be on disk before the next step runs.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, *, async_save: bool = False):
+        self.directory = os.path.abspath(directory)
+        self.async_save = async_save
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, train_state: TrainState, data_iter_state: Optional[dict] = None, extra: Optional[dict] = None) -> None:
+        """Writes checkpoint ``step`` (atomically; returns once it is committed unless ``async_save``)."""
+        opt = {"opt_state": train_state.opt_state, "step": train_state.step, "rng": train_state.rng}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(train_state.params),
+            opt=ocp.args.StandardSave(opt),
+            data=ocp.args.JsonSave(dict(data_iter_state or {})),
+            extra=ocp.args.JsonSave(dict(extra or {})),
+        )
+        self._mngr.save(int(step), args=args, force=True)
+        if not self.async_save:
+            self._mngr.wait_until_finished()
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, oldest first (half-written temporary directories are never listed)."""
+        self._mngr.reload()
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _step_or_latest(self, step: Optional[int]) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} (have {steps})")
+        return step
+
+    def restore(self, step: Optional[int], abstract_train_state: TrainState, mesh: Optional[Mesh] = None) -> Restored:
+        """Checkpoint ``step`` (``None``: the latest) placed onto the current devices.
+
+        Target shardings come from the leaves of ``abstract_train_state``; with ``mesh`` they are
+        recomputed for that mesh by the model's rules (any device count).
+        """
+        step = self._step_or_latest(step)
+        target = abstract_train_state
+        if mesh is not None:
+            sh = train_state_shardings(target, mesh)
+            target = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), target, sh)
+        opt = {"opt_state": target.opt_state, "step": target.step, "rng": target.rng}
+        out = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target.params),
+                opt=ocp.args.StandardRestore(opt),
+                data=ocp.args.JsonRestore(),
+                extra=ocp.args.JsonRestore(),
+            ),
+        )
+        o = out["opt"]
+        state = TrainState(out["params"], o["opt_state"], o["step"], o["rng"], target.graphdef)
+        return Restored(step, state, dict(out["data"] or {}), dict(out["extra"] or {}))
+
+    def restore_params(self, step: Optional[int], abstract_params: Any) -> Any:
+        """Only the parameters of checkpoint ``step`` (an ``nnx.State`` shaped like ``abstract_params``)."""
+        step = self._step_or_latest(step)
+        out = self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+        return out["params"]
+
+    def export_hf(self, step: Optional[int], config: Any, directory: str, *, mesh: Optional[Mesh] = None) -> str:
+        """Writes checkpoint ``step``'s model as a Hugging Face directory (``models.save_hf``)."""
+        from models.llama import Llama
+        from models.loading import save_hf
+        from models.sharding import ShardingContext, state_shardings
+
+        shard = ShardingContext(mesh) if mesh is not None else None
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), shard=shard)), nnx.Param)
+        if shard is None:
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sh = jax.tree.map(lambda _: dev, abstract)
+        else:
+            sh = state_shardings(abstract, shard)
+        abstract = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), abstract, sh)
+        params = self.restore_params(step, abstract)
+        save_hf(config, nnx.merge(graphdef, params), directory)
+        return directory
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

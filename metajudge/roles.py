@@ -1,0 +1,166 @@
+"""The three roles one model plays: actor, judge and meta-judge.
+
+Each role turns text into text (or scores) through the batched sampler; the rules that act on the
+outputs are the pure functions of ``prompts``, ``judge`` and ``meta_judge``.
+
+Score readout (``readout``):
+- ``"parse"`` (the papers' way): a judgment's score is its final ``Score:`` line; a judgment
+  without one is dropped and counted as a fallback.
+- ``"expected"``: a judgment with a parseable final ``Score:`` line keeps it; for one without,
+  the text is followed by a forced ``Score:`` prefix and the score is the expected value
+  Σ k·p(k) / Σ p(k) over the model's next-token probabilities of ``0``..``5`` (counted as a
+  fallback). The meta-judge likewise compares p(``A``) and p(``B``) after a forced
+  ``Winner: Judgment`` prefix when its verdict does not parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal, Optional, Sequence
+
+import jax
+import numpy as np
+
+from metajudge.judge import aggregate_scores
+from metajudge.meta_judge import verdict_to_result
+from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt, parse_score, parse_winner
+from models.sampler import generate_text, next_token_logprobs
+
+Readout = Literal["parse", "expected"]
+SCORE_LABELS = ("0", "1", "2", "3", "4", "5")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How one role samples: ``n`` samples per input, temperature, nucleus, length cap."""
+
+    n: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _generate(model, tokenizer, prompts: Sequence[str], s: Sampling, rng, batch_size: int, progress: bool) -> list[list[str]]:
+    return generate_text(
+        model, tokenizer, [_user(p) for p in prompts], n_samples=s.n, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, rng=rng, batch_size=batch_size,
+        progress=progress,
+    )
+
+
+def act(model, tokenizer, instructions: Sequence[str], s: Sampling, *, rng, batch_size: int = 64, progress: bool = False) -> list[list[str]]:
+    """``s.n`` sampled responses per instruction."""
+    return _generate(model, tokenizer, instructions, s, rng, batch_size, progress)
+
+
+@functools.lru_cache(maxsize=32)
+def _forced_readout(tokenizer: Any, prefix: str, labels: tuple[str, ...]) -> tuple[str, tuple[int, ...]]:
+    """The text to append and the single-token ids of ``labels`` that may follow it.
+
+    Tokenizers differ in whether the space before a label belongs to the label's token (``" 4"``)
+    or to the prefix; the variant whose labels are all single, distinct tokens is used.
+    """
+    for text, lead in ((prefix + " ", ""), (prefix, " ")):
+        base = tokenizer.encode(text)
+        ids = []
+        for label in labels:
+            full = tokenizer.encode(text + lead + label)
+            if full[: len(base)] != base or len(full) != len(base) + 1:
+                break
+            ids.append(full[-1])
+        if len(ids) == len(labels) and len(set(ids)) == len(ids):
+            return text, tuple(ids)
+    raise ValueError(
+        f"the tokenizer does not encode {labels} as single tokens after {prefix!r}; "
+        "use readout='parse' for this model"
+    )
+
+
+def _forced_probs(model, tokenizer, prompts: Sequence[str], texts: Sequence[str], prefix: str, labels: tuple[str, ...], batch_size: int) -> np.ndarray:
+    """``[len(texts), len(labels)]`` renormalised next-token probabilities after ``text + prefix``."""
+    append, ids = _forced_readout(tokenizer, prefix, labels)
+    seqs = [
+        tokenizer.apply_chat_template(_user(p)) + tokenizer.encode(t.rstrip() + "\n" + append)
+        for p, t in zip(prompts, texts)
+    ]
+    logp = next_token_logprobs(model, seqs, list(ids), batch_size=batch_size)
+    p = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def judge(
+    model,
+    tokenizer,
+    items: Sequence[tuple[str, str]],
+    s: Sampling,
+    *,
+    rng,
+    readout: Readout = "parse",
+    templates: PromptTemplates = DEFAULT_TEMPLATES,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """``s.n`` judgments per ``(instruction, response)``; scores, mean, variance, fallbacks."""
+    prompts = [judge_prompt(i, r, templates) for i, r in items]
+    judgments = _generate(model, tokenizer, prompts, s, rng, batch_size, progress)
+    scores = [[parse_score(t) for t in js] for js in judgments]
+    fallbacks = [[sc is None for sc in row] for row in scores]
+    if readout == "expected":
+        flat = [(i, j) for i, row in enumerate(scores) for j, sc in enumerate(row) if sc is None]
+        if flat:
+            probs = _forced_probs(model, tokenizer, [prompts[i] for i, _ in flat],
+                                  [judgments[i][j] for i, j in flat], "Score:", SCORE_LABELS, batch_size)
+            expected = probs @ np.arange(len(SCORE_LABELS), dtype=np.float64)
+            for (i, j), value in zip(flat, expected):
+                scores[i][j] = float(value)
+    elif readout != "parse":
+        raise ValueError(f"readout={readout!r}: expected 'parse' or 'expected'")
+    out = []
+    for js, sc, fb in zip(judgments, scores, fallbacks):
+        mean, var, n_valid, n_failed = aggregate_scores(sc)
+        out.append({"judgments": js, "scores": sc, "mean": mean, "variance": var,
+                    "n_valid": n_valid, "n_fallback": int(sum(fb))})
+    return out
+
+
+def meta_judge(
+    model,
+    tokenizer,
+    battles: Sequence[tuple[str, str, str, str]],
+    s: Sampling,
+    *,
+    rng,
+    readout: Readout = "parse",
+    templates: PromptTemplates = DEFAULT_TEMPLATES,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """One verdict per ``(instruction, response, judgment_a, judgment_b)``: r in {1, -1, 0}."""
+    prompts = [meta_judge_prompt(i, r, a, b, templates) for i, r, a, b in battles]
+    texts = [row[0] for row in _generate(model, tokenizer, prompts, dataclasses.replace(s, n=1), rng, batch_size, progress)]
+    verdicts = [verdict_to_result(parse_winner(t)) for t in texts]
+    fallback = [parse_winner(t) is None for t in texts]
+    if readout == "expected":
+        idx = [i for i, f in enumerate(fallback) if f]
+        if idx:
+            probs = _forced_probs(model, tokenizer, [prompts[i] for i in idx], [texts[i] for i in idx],
+                                  "Winner: Judgment", ("A", "B"), batch_size)
+            for i, (pa, pb) in zip(idx, probs):
+                verdicts[i] = 1 if pa > pb else -1 if pb > pa else 0
+    elif readout != "parse":
+        raise ValueError(f"readout={readout!r}: expected 'parse' or 'expected'")
+    return [{"text": t, "verdict": v, "fallback": f} for t, v, f in zip(texts, verdicts, fallback)]
+
+
+def shard_rng(seed: int, *parts: int) -> jax.Array:
+    """A key that depends only on the seed and the given integers (iteration, stage, shard)."""
+    key = jax.random.key(seed)
+    for p in parts:
+        key = jax.random.fold_in(key, p)
+    return key

@@ -1,0 +1,442 @@
+"""Training: config, optimizer, train state, and the jitted SFT and DPO steps.
+
+One call of a step is one optimizer update. With ``grad_accum_steps = A`` the batch of ``A * m``
+rows is split into ``A`` micro-batches of ``m`` rows, run one after another under ``lax.scan`` (peak
+activation memory of ``m`` rows), and each micro-batch's loss is weighted so that the accumulated
+gradient equals the full batch's: SFT by its share of the batch's loss tokens, DPO by its share of
+pairs.
+
+A step never applies a non-finite update: when the loss, the gradient norm or the update norm is
+NaN/inf the old parameters and optimizer state are returned unchanged (inside the jitted step, so
+buffer donation is safe) and the host raises :class:`TrainingDiverged`.
+
+Reference log-probs for DPO come with the batch (``ref_chosen_logp`` / ``ref_rejected_logp``), so
+no reference model is held in memory; :func:`compute_reference_logps` fills them in once per
+dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from metajudge.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
+from models.sharding import ShardingContext
+
+Array = jax.Array
+Batch = dict[str, Any]
+
+DECAYS = ("cosine", "linear", "constant")
+_DPO_FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or update; the update was not applied.
+
+    ``state`` holds the last good train state (the step's donated input, returned unchanged).
+    """
+
+    def __init__(self, message: str, *, step: int, metrics: dict[str, float], state: Any = None):
+        super().__init__(message)
+        self.step, self.metrics, self.state = step, metrics, state
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimization settings shared by SFT and DPO (defaults follow METHODS.md for DPO)."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 10
+    total_steps: int = 0  # 0: derived from the data (len // batch_size * num_epochs) by the caller
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # the decay ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW, on parameters with >= 2 dims only (not norm scales)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+    grad_accum_steps: int = 1
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    remat: bool = False  # rematerialize each decoder block in the backward pass
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.grad_accum_steps < 1 or self.warmup_steps < 0 or self.total_steps < 0:
+            raise ValueError("grad_accum_steps must be >= 1; warmup_steps and total_steps >= 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------ optimizer
+
+
+def make_schedule(cfg: TrainConfig) -> Callable[[Array], Array]:
+    """``lr(s) = lr · min(1, (s+1)/W) · f(clip((s-W)/(S-W), 0, 1))`` for ``W`` warmup, ``S`` total steps.
+
+    ``f(t) = r + (1-r)·(1+cos πt)/2`` (cosine), ``1 - (1-r)·t`` (linear) or ``1`` (constant), with
+    ``r = min_lr_ratio``. The first update already uses ``lr/W`` (not 0).
+    """
+    lr, w, r = cfg.learning_rate, cfg.warmup_steps, cfg.min_lr_ratio
+    span = max(cfg.total_steps - w, 1)
+
+    def schedule(count):
+        s = jnp.asarray(count, jnp.float32)
+        warm = jnp.minimum(1.0, (s + 1.0) / w) if w > 0 else 1.0
+        t = jnp.clip((s - w) / span, 0.0, 1.0)
+        if cfg.decay == "cosine":
+            f = r + (1.0 - r) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+        elif cfg.decay == "linear":
+            f = 1.0 - (1.0 - r) * t
+        else:
+            f = 1.0
+        return lr * warm * f
+
+    return schedule
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on :func:`make_schedule`; decay skips 1-D parameters.
+
+    Gradient accumulation is done inside the step (see the module doc), not by the optimizer.
+    """
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(
+        make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+    )
+    if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+    return adamw
+
+
+# ---------------------------------------------------------------------------------- train state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Parameters, optimizer state, update count and RNG; the graphdef rides along as static data."""
+
+    params: Any  # nnx.State of nnx.Param (Variables keep their logical_axes metadata)
+    opt_state: Any  # optax state; its param-shaped parts are Variables with the params' metadata
+    step: Array  # int32 scalar: optimizer updates applied
+    rng: Array  # uint32[2] raw PRNG key, split once per applied update
+    graphdef: Any = dataclasses.field(metadata=dict(static=True))
+
+    def replace(self, **changes: Any) -> "TrainState":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with these parameters (shares the arrays)."""
+        return nnx.merge(self.graphdef, self.params)
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _split_model(model: nnx.Module, remat: bool, mesh: Optional[Mesh]) -> tuple[Any, Any]:
+    """``(graphdef, params)``; the graphdef's activation constraints are re-pointed at ``mesh``
+    (so a model built for one mesh trains or restores on another) and ``remat`` is switched on."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("the model holds non-Param state; TrainState only carries nnx.Param variables")
+    clone = nnx.merge(graphdef, params)  # new module objects: the caller's model is left as it is
+    for _, node in nnx.iter_graph(clone):
+        if isinstance(node, nnx.Module) and hasattr(node, "shard"):
+            old = node.shard
+            node.shard = None if mesh is None else (ShardingContext(mesh) if old is None else ShardingContext(mesh, old.rules))
+    if remat and hasattr(clone, "config"):
+        clone.config = clone.config.replace(remat=True)
+    return nnx.split(clone, nnx.Param)
+
+
+def train_state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """``NamedSharding`` of every leaf: params and their optimizer moments by the model's rules,
+    everything else (counts, step, rng) replicated. Works on concrete or abstract states."""
+    ctx = ShardingContext(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        if _is_var(x):
+            return x.replace(ctx.sharding(x.get_metadata().get("logical_axes"), x.value.shape))
+        return replicated
+
+    tree = lambda t: jax.tree.map(one, t, is_leaf=_is_var)
+    return TrainState(tree(state.params), tree(state.opt_state), replicated, replicated, state.graphdef)
+
+
+def init_train_state(model: nnx.Module, cfg: TrainConfig, mesh: Optional[Mesh] = None) -> TrainState:
+    """A fresh train state; with a mesh, params and optimizer state are placed by the model's rules."""
+    graphdef, params = _split_model(model, cfg.remat, mesh)
+    tx = make_optimizer(cfg)
+    step = jnp.zeros((), jnp.int32)
+    rng = jax.random.PRNGKey(cfg.seed)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # fresh buffers: the step donates them, not the model's
+    if mesh is None:
+        params = jax.jit(copy)(params)
+        return TrainState(params, jax.jit(tx.init)(params), step, rng, graphdef)
+    abstract = TrainState(params, jax.eval_shape(tx.init, params), step, rng, graphdef)
+    sh = train_state_shardings(abstract, mesh)
+    params = jax.jit(copy, out_shardings=sh.params)(params)
+    opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
+    return TrainState(params, opt_state, jax.device_put(step, sh.step), jax.device_put(rng, sh.rng), graphdef)
+
+
+def abstract_train_state(model: nnx.Module, cfg: TrainConfig, mesh: Optional[Mesh] = None) -> TrainState:
+    """Shapes, dtypes and target shardings of :func:`init_train_state` (nothing is allocated).
+
+    ``model`` may itself be abstract (``nnx.eval_shape``). Without a mesh, leaves go to device 0.
+    """
+    graphdef, params = _split_model(model, cfg.remat, mesh)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state = TrainState(
+        params, jax.eval_shape(make_optimizer(cfg).init, params),
+        jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32), graphdef,
+    )
+    if mesh is None:
+        sh = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
+    else:
+        sh = train_state_shardings(state, mesh)
+    return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), state, sh)
+
+
+# ----------------------------------------------------------------------------------- the steps
+
+
+def _forward(graphdef, params, inputs, positions, segment_ids) -> Array:
+    return nnx.merge(graphdef, params)(inputs, positions=positions, segment_ids=segment_ids)
+
+
+def _sft_micro_loss(params, mb, *, graphdef, n_total):
+    """Micro-batch cross-entropy weighted by its share of the batch's loss tokens."""
+    logits = _forward(graphdef, params, mb["inputs"], mb["positions"], mb["segment_ids"])
+    loss, m = sft_loss(logits, mb["targets"], mb["loss_mask"])
+    share = m["n_tokens"] / n_total
+    return loss * share, {"loss": loss * share, "accuracy": m["accuracy"] * share, "n_tokens": m["n_tokens"]}
+
+
+def _interleave(mb: Batch, field: str) -> Array:
+    """``[B, T]`` chosen and rejected rows -> ``[2B, T]`` (pair i at rows 2i, 2i+1: a pair stays on one shard)."""
+    c, r = mb[f"chosen_{field}"], mb[f"rejected_{field}"]
+    return jnp.stack([c, r], axis=1).reshape((-1,) + c.shape[1:])
+
+
+def _dpo_micro_loss(params, mb, *, graphdef, n_total, cfg: TrainConfig):
+    """One forward over chosen and rejected rows; DPO loss weighted by the micro-batch's share of pairs."""
+    logits = _forward(graphdef, params, *(_interleave(mb, f) for f in ("inputs", "positions", "segment_ids")))
+    logps = sequence_logps(logits, _interleave(mb, "targets"), _interleave(mb, "loss_mask")).reshape(-1, 2)
+    loss, m = dpo_loss(
+        logps[:, 0], logps[:, 1], mb["ref_chosen_logp"], mb["ref_rejected_logp"],
+        beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type,
+    )
+    share = logps.shape[0] / n_total
+    return loss * share, {k: v * share for k, v in m.items()}
+
+
+def _accumulate(loss_fn, params, batch: Batch, accum: int, constrain_mb) -> tuple[Any, dict]:
+    """Gradient and metrics summed over ``accum`` micro-batches (rows ``a, a+A, a+2A, ...``)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (_, metrics), grads = grad_fn(params, constrain_mb(batch))
+        return grads, metrics
+
+    def split(x):  # [A*m, ...] -> [A, m, ...]; contiguous per-device blocks stay put
+        return jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+        (_, metrics), grads = grad_fn(params, constrain_mb(mb))
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    metrics_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))[1]
+    zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    return grads, metrics
+
+
+def _update(state: TrainState, grads, metrics: dict, cfg: TrainConfig) -> tuple[TrainState, dict]:
+    """Applies the optimizer unless loss, gradient or update is non-finite (then nothing changes)."""
+    tx = make_optimizer(cfg)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    rng = jax.random.split(state.rng)[0]
+    new = TrainState(
+        keep(params, state.params), keep(opt_state, state.opt_state),
+        state.step + ok.astype(jnp.int32), jnp.where(ok, rng, state.rng), state.graphdef,
+    )
+    metrics = dict(metrics, grad_norm=grad_norm, lr=make_schedule(cfg)(state.step), finite=ok)
+    return new, metrics
+
+
+def _sft_update(state: TrainState, batch: Batch, *, cfg: TrainConfig, constrain_mb) -> tuple[TrainState, dict]:
+    n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    loss_fn = functools.partial(_sft_micro_loss, graphdef=state.graphdef, n_total=n_total)
+    grads, metrics = _accumulate(loss_fn, state.params, batch, cfg.grad_accum_steps, constrain_mb)
+    return _update(state, grads, metrics, cfg)
+
+
+def _dpo_update(state: TrainState, batch: Batch, *, cfg: TrainConfig, constrain_mb) -> tuple[TrainState, dict]:
+    loss_fn = functools.partial(
+        _dpo_micro_loss, graphdef=state.graphdef, n_total=batch["chosen_inputs"].shape[0], cfg=cfg
+    )
+    grads, metrics = _accumulate(loss_fn, state.params, batch, cfg.grad_accum_steps, constrain_mb)
+    return _update(state, grads, metrics, cfg)
+
+
+_STEP_CACHE: dict = {}
+
+
+def _jit_update(kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh], batch_sharding) -> Callable:
+    update = _sft_update if kind == "sft" else _dpo_update
+    if mesh is None:
+        return jax.jit(functools.partial(update, cfg=cfg, constrain_mb=lambda mb: mb), donate_argnums=0)
+    constrain_mb = lambda mb: jax.lax.with_sharding_constraint(mb, batch_sharding)
+    sh = train_state_shardings(state, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        functools.partial(update, cfg=cfg, constrain_mb=constrain_mb),
+        in_shardings=(sh, batch_sharding), out_shardings=(sh, replicated), donate_argnums=0,
+    )
+
+
+class TrainStep:
+    """A jitted SFT or DPO step: ``state, metrics = step(state, batch)``.
+
+    The state argument is donated: use only the returned state afterwards. Metrics come back as
+    Python floats; a non-finite loss/gradient/update raises :class:`TrainingDiverged` (carrying
+    the unchanged state) instead of returning.
+    """
+
+    def __init__(self, kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None):
+        if kind not in ("sft", "dpo"):
+            raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+        self.kind, self.cfg, self.mesh = kind, cfg, mesh
+        self.batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        # One jitted function per (kind, config, mesh, state layout): a later run with the same setup
+        # (the next DPO iteration, say) reuses the compiled step instead of compiling it again.
+        key = (kind, cfg, mesh, jax.tree.structure(state), tuple(x.shape for x in jax.tree.leaves(state)))
+        if key not in _STEP_CACHE:
+            if len(_STEP_CACHE) >= 8:
+                _STEP_CACHE.pop(next(iter(_STEP_CACHE)))  # the oldest
+            _STEP_CACHE[key] = _jit_update(kind, cfg, state, mesh, self.batch_sharding)
+        self.jitted = _STEP_CACHE[key]
+
+    @property
+    def data_parallel(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def put_batch(self, batch: Batch) -> Batch:
+        """Numpy batch -> device arrays, rows split over ``("data", "fsdp")``."""
+        batch = {k: v for k, v in batch.items() if k in _batch_keys(self.kind)}
+        missing = sorted(set(_batch_keys(self.kind)) - set(batch))
+        if missing:
+            hint = " (fill them with compute_reference_logps)" if "ref_chosen_logp" in missing else ""
+            raise ValueError(f"{self.kind} batch lacks {', '.join(missing)}{hint}")
+        rows = len(next(iter(batch.values())))
+        need = self.data_parallel * self.cfg.grad_accum_steps
+        if rows % need:
+            raise ValueError(
+                f"batch of {rows} rows does not split into grad_accum_steps={self.cfg.grad_accum_steps} "
+                f"micro-batches over {self.data_parallel} data-parallel devices; use a multiple of {need}"
+            )
+        if self.batch_sharding is None:
+            return jax.device_put(batch)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, float]]:
+        step = int(state.step)
+        state, metrics = self.jitted(state, self.put_batch(batch))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not metrics.pop("finite"):
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: loss={metrics['loss']:.6g}, "
+                f"grad_norm={metrics['grad_norm']:.6g}, lr={metrics['lr']:.3g}; the update was not applied. "
+                "Lower the learning rate (--set train.learning_rate=...) or check the data of this batch.",
+                step=step + 1, metrics=metrics, state=state,
+            )
+        return state, metrics
+
+
+def _batch_keys(kind: str) -> tuple[str, ...]:
+    if kind == "sft":
+        return _DPO_FIELDS
+    return tuple(f"{s}_{f}" for s in ("chosen", "rejected") for f in _DPO_FIELDS) + ("ref_chosen_logp", "ref_rejected_logp")
+
+
+def make_sft_step(cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None) -> TrainStep:
+    """The jitted SFT step (masked token cross-entropy) for states shaped like ``state``."""
+    return TrainStep("sft", cfg, state, mesh)
+
+
+def make_dpo_step(cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None) -> TrainStep:
+    """The jitted DPO step (reference log-probs from the batch) for states shaped like ``state``."""
+    return TrainStep("dpo", cfg, state, mesh)
+
+
+# ------------------------------------------------------------------------- reference log-probs
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_scorer(graphdef) -> Callable:
+    """Jitted ``(params, batch) -> [B, 2]`` chosen/rejected log-prob sums (cached per model layout)."""
+
+    def score(params, b):
+        logits = _forward(graphdef, params, *(_interleave(b, f) for f in ("inputs", "positions", "segment_ids")))
+        return sequence_logps(logits, _interleave(b, "targets"), _interleave(b, "loss_mask")).reshape(-1, 2)
+
+    return jax.jit(score)
+
+
+def compute_reference_logps(
+    model: nnx.Module, dataset_rows: Sequence[dict], batch_size: int, *, mesh: Optional[Mesh] = None
+) -> list[dict]:
+    """Copies of DPO rows (from ``build_dpo_examples``) with ``ref_chosen_logp`` / ``ref_rejected_logp``.
+
+    Log-probs are summed over each response's ``loss_mask`` under ``model`` (the reference, i.e.
+    the model at the start of the DPO iteration). The last batch is padded by repetition so only
+    one shape is compiled.
+    """
+    if not dataset_rows:
+        return []
+    graphdef, params = nnx.split(model)
+    sharding = None
+    if mesh is not None:
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        batch_size = math.ceil(batch_size / dp) * dp
+        sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    score = _pair_scorer(graphdef)
+    keys = _batch_keys("dpo")[:-2]
+    out: list[dict] = []
+    for start in range(0, len(dataset_rows), batch_size):
+        rows = list(dataset_rows[start : start + batch_size])
+        n = len(rows)
+        rows += [rows[-1]] * (batch_size - n)
+        batch = {k: np.stack([r[k] for r in rows]) for k in keys}
+        batch = jax.device_put(batch, sharding) if sharding is not None else batch
+        logps = np.asarray(jax.device_get(score(params, batch)))[:n]
+        for row, (c, r) in zip(rows[:n], logps):
+            out.append(dict(row, ref_chosen_logp=np.float32(c), ref_rejected_logp=np.float32(r)))
+    return out
