@@ -22,7 +22,7 @@ $(VENV)/.installed-dev: setup.py $(VENV)/.installed-base
 	touch $@
 
 run: $(VENV)/.installed-base
-	$(BIN)/python -m experiments.chat $(RUN_ARGS)
+	$(BIN)/python -m experiments.meta_reward --preset smollm2_cpu --out runs/meta_reward-smollm2_cpu $(RUN_ARGS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q tests

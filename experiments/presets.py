@@ -30,12 +30,12 @@ def smollm2_cpu() -> LoopConfig:
     SmolLM2-135M rarely writes a parseable `Score:` line, so scores are read with `expected`.
     """
     return LoopConfig(
-        iterations=1, prompts_per_iteration=8, prompts_per_shard=4, readout="expected",
-        actor=Sampling(n=4, temperature=0.8, top_p=0.95, max_new_tokens=96),
-        judge=Sampling(n=3, temperature=0.8, top_p=0.95, max_new_tokens=64),
+        iterations=1, prompts_per_iteration=6, prompts_per_shard=3, readout="expected",
+        actor=Sampling(n=3, temperature=0.8, top_p=0.95, max_new_tokens=96),
+        judge=Sampling(n=3, temperature=0.8, top_p=0.95, max_new_tokens=48),
         meta_judge=Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=48),
-        dpo=DPORunConfig(max_len=768, batch_size=4, save_every=4,
-                         train=TrainConfig(learning_rate=5e-6, beta=0.1, warmup_steps=1)),
+        dpo=DPORunConfig(max_len=640, batch_size=2, save_every=2, ref_batch_size=4,
+                         train=TrainConfig(learning_rate=5e-6, beta=0.1, warmup_steps=1, remat=True)),
     )
 
 
