@@ -1,0 +1,170 @@
+"""Greedy generation speed of `models.sampler` vs Hugging Face `generate`, and the decode roofline.
+
+Embedded SmolLM2-135M-Instruct, float32 on both sides, the same chat prompts (token ids) for both,
+128 new tokens per row with no stop ids (HF: ``min_new_tokens=128``), so both do the same work.
+Tokens/s count generated tokens over the whole call (prefill included), after a warm-up call.
+
+Roofline of one decode step at batch B: ``max(B * FLOPs/token / matmul peak, weight bytes / read
+bandwidth)``, both measured here; the fraction reached is that time over the measured decode step
+(the call minus a prefill-only call, over 127 steps).
+
+    python -m benchmarks.sampler [--batches 64,16] [--new 128]
+
+Last line: ``sampler_tok_s=<n> hf_tok_s=<n> ratio_vs_hf=<x> roofline_frac=<x>`` for the first batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+QUESTIONS = [
+    "What is the capital of France?", "Explain photosynthesis in simple terms.", "Write a haiku about the sea.",
+    "How do I reverse a list in Python?", "What causes the seasons on Earth?", "Give me three tips for better sleep.",
+    "What is a prime number?", "Summarize the plot of Romeo and Juliet.", "Why is the sky blue?",
+    "How does a bicycle stay upright?", "What is the difference between weather and climate?",
+    "Name five fruits that are rich in vitamin C.", "How do vaccines work?", "What is machine learning?",
+    "Describe the water cycle.", "Write a short poem about autumn leaves.", "What is the Pythagorean theorem?",
+    "How can I improve my writing skills?", "What are black holes?", "Explain what an API is.",
+    "What is the boiling point of water at sea level?", "Tell me a fun fact about octopuses.",
+    "How do airplanes fly?", "What is inflation in economics?", "Suggest a name for a pet turtle.",
+    "What is the tallest mountain in the world?", "How do I make a cup of green tea?", "What is DNA?",
+    "Why do cats purr?", "Explain recursion to a beginner.", "What are the primary colors?",
+    "How many continents are there?",
+]
+
+
+def _idle_fraction(seconds: float = 1.0) -> float:
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+
+    (i0, t0), _ = read(), time.sleep(seconds)
+    i1, t1 = read()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def machine_peaks() -> dict:
+    """Large fp32 matmul rate, decode-shaped matmul rate and memory read bandwidth, via XLA."""
+    import jax
+    import jax.numpy as jnp
+
+    def best(f, *args, n=5):
+        jax.block_until_ready(f(*args))
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    a = jnp.ones((2048, 2048), jnp.float32)
+    peak = 2 * 2048**3 / best(jax.jit(lambda x: x @ x), a)
+    xs, ws = jnp.ones((64, 576), jnp.float32), [jnp.full((576, 1536), 1e-3, jnp.float32) for _ in range(40)]
+    chain = jax.jit(lambda x, ws: sum(jnp.sum(x @ w) for w in ws))
+    decode_rate = 40 * 2 * 64 * 576 * 1536 / best(chain, xs, ws)
+    big = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+    bandwidth = big.nbytes / best(jax.jit(jnp.sum), big, n=3)
+    return dict(matmul_flops=peak, decode_matmul_flops=decode_rate, read_bytes_s=bandwidth)
+
+
+def prompts_for(tokenizer, n: int) -> list[list[int]]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + (" Be brief." if i >= len(QUESTIONS) else "")}]) for i in range(n)]
+
+
+def run_ours(model, prompts, new: int) -> tuple[float, float, np.ndarray]:
+    """(seconds for the full call, seconds for a prefill-only call, tokens)."""
+    from models import sampler
+
+    kw = dict(temperature=0.0, stop_ids=())
+    sampler.generate(model, prompts, max_new_tokens=new, **kw)  # warm-up: compiles every bucket
+    sampler.generate(model, prompts, max_new_tokens=1, **kw)
+    t = time.perf_counter()
+    toks, lens, _ = sampler.generate(model, prompts, max_new_tokens=new, **kw)
+    total = time.perf_counter() - t
+    t = time.perf_counter()
+    sampler.generate(model, prompts, max_new_tokens=1, **kw)
+    prefill = time.perf_counter() - t
+    assert (lens == new).all()
+    return total, prefill, toks
+
+
+def run_hf(hf_model, prompts, new: int, pad_id: int) -> tuple[float, np.ndarray]:
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad_id)
+    with torch.no_grad():
+        hf_model.generate(ids[:2], attention_mask=mask[:2], do_sample=False, max_new_tokens=4, pad_token_id=pad_id)
+        t = time.perf_counter()
+        out = hf_model.generate(ids, **kw)
+        total = time.perf_counter() - t
+    gen = out[:, width:].numpy()
+    assert gen.shape[1] == new
+    return total, gen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="64,16")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    import models
+    from models.loading import embedded_gguf_path
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"machine: {os.cpu_count()} cpus, idle {_idle_fraction():.0%} before start")
+    peaks = machine_peaks()
+    print(f"peaks: matmul {peaks['matmul_flops'] / 1e9:.0f} GFLOP/s (2048^3), decode-shaped matmul "
+          f"{peaks['decode_matmul_flops'] / 1e9:.0f} GFLOP/s (64x576x1536), read {peaks['read_bytes_s'] / 1e9:.1f} GB/s")
+    config, model = models.load_model(models.EMBEDDED_NAME)
+    tokenizer = models.load_tokenizer(models.EMBEDDED_NAME)
+    hf_model = None
+    if not args.no_hf:
+        transformers.utils.logging.set_verbosity_error()
+        path = embedded_gguf_path()
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    new = args.new
+    results = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = prompts_for(tokenizer, batch)
+        idle = _idle_fraction()
+        total, prefill, toks = run_ours(model, prompts, new)
+        ours = batch * new / total
+        step = (total - prefill) / (new - 1)
+        context = float(np.mean([len(p) for p in prompts])) + new / 2
+        flops = batch * config.flops_per_token(context=int(context))
+        weight_bytes = config.num_params * 4
+        roof = max(flops / peaks["matmul_flops"], weight_bytes / peaks["read_bytes_s"])
+        frac = roof / step
+        frac_decode_rate = max(flops / peaks["decode_matmul_flops"], weight_bytes / peaks["read_bytes_s"]) / step
+        line = (f"batch {batch}: sampler {ours:.0f} tok/s ({total:.2f}s; prefill {prefill:.2f}s; decode step "
+                f"{step * 1e3:.1f} ms = {flops / step / 1e9:.0f} GFLOP/s; roofline step {roof * 1e3:.1f} ms -> "
+                f"frac {frac:.2f}, vs decode-shaped matmul rate {frac_decode_rate:.2f}; idle before {idle:.0%})")
+        hf = float("nan")
+        if hf_model is not None:
+            hf_total, hf_toks = run_hf(hf_model, prompts, new, tokenizer.pad_token_id or 0)
+            hf = batch * new / hf_total
+            first = min(8, new)
+            agree = float(np.mean(hf_toks[:, :first] == toks[:, :first]))
+            line += f"\n  hf {hf:.0f} tok/s ({hf_total:.2f}s); first-{first}-token agreement {agree:.2f}"
+        print(line, flush=True)
+        results.append((ours, hf, ours / hf, frac))
+    ours, hf, ratio, frac = results[0]
+    print(f"sampler_tok_s={ours:.1f} hf_tok_s={hf:.1f} ratio_vs_hf={ratio:.2f} roofline_frac={frac:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,810 @@
+"""Batched sampling and scoring for `Llama`: prefill once, decode inside one jitted loop.
+
+``generate`` turns token prompts into sampled continuations, ``score`` sums the log-probs of given
+responses, ``generate_text`` goes from chat messages to strings for the roles.
+
+How a call runs (the measurements behind each choice are in PERF_NOTES.md):
+
+1. Prompts are right-padded to a *prompt bucket* and prefilled in chunks of at most
+   ``Buckets.prefill_chunk`` tokens into a preallocated KV cache. Padding slots hold position ``-1``
+   and are masked, so rows of different lengths share one write index. Only the hidden state of each
+   prompt's last token goes through the LM head.
+2. The prefill cache rows are gathered to ``B * n_samples`` decode rows (one prefill per prompt,
+   however many samples), and the first token of every row is sampled.
+3. Decoding runs inside one ``lax.while_loop`` per *capacity bucket*: the cache holds only as many
+   slots as the current bucket, so attention reads the filled part and at most the rest of the
+   bucket. When the bucket is full the cache is copied into the next bucket and the loop resumes.
+   The loop exits as soon as every row has produced a stop id. Cache and row buffers are donated.
+4. Every shape is rounded up to a bucket (batch, prompt length, capacity, output length, stop-id
+   count), so the number of compilations is bounded; each one is logged with ``logging.info``.
+
+Decoding uses its own single-token forward (`_decode_logits`) over the model's parameters: 2-D
+weight views instead of 3-D einsums (which XLA:CPU transposes inside the loop every step), the LM
+head as one ``[D, V]`` matmul, and grouped-query attention without repeating K/V. Prefill and
+``score`` use the model's own ``hidden_states``; tests check both paths against a full forward and
+against Hugging Face.
+
+Sampling semantics: temperature 0 is greedy (lowest id among ties). Otherwise logits are divided by
+the temperature, then top-k keeps the ``k`` largest (ties with the k-th kept), then top-p keeps the
+smallest set of most likely tokens whose renormalized mass reaches ``top_p`` (ties kept), and a
+token is drawn by inverse CDF with one uniform per row and step. Each row's randomness is
+``fold_in(fold_in(rng, row_id), step)``, so results depend only on the inputs and ``rng``, not on
+batch composition or bucketing. ``logprobs`` are those of the sampled tokens under the model's own
+distribution (temperature 1, no truncation), the quantity ``score`` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+import weakref
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.llama import KVCache, Llama, rope_inv_freq
+from models.sharding import ShardingContext, constrain
+
+log = logging.getLogger(__name__)
+
+Array = jax.Array
+_NEG = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """How sizes round up to static shapes. ``*_steps``: bucket values per doubling (1 = powers of 2)."""
+
+    batch_steps: int = 2  # 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, ...
+    min_prompt: int = 16
+    prompt_steps: int = 4  # 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, ...
+    prefill_chunk: int = 512  # longer prompts are prefilled in chunks of this many tokens
+    min_capacity: int = 32
+    capacity_steps: int = 2  # KV-cache capacities: 32, 48, 64, 96, 128, 192, 256, ...
+    min_new: int = 16
+    min_stop_ids: int = 4
+    min_shared_prefix: int = 16  # a prefix common to all prompts of at least this many tokens is prefilled once
+
+
+DEFAULT_BUCKETS = Buckets()
+
+
+def bucket(n: int, minimum: int = 1, steps: int = 1) -> int:
+    """Smallest ``m * 2**e >= max(n, minimum)`` with ``steps <= m < 2 * steps``."""
+    n = max(int(n), int(minimum), 1)
+    if n <= steps:
+        return n
+    e = max(0, math.ceil(math.log2(n / steps)) - 1)
+    while True:
+        for m in range(steps, 2 * steps):
+            if m << e >= n:
+                return m << e
+        e += 1
+
+
+# -------------------------------------------------------------------------- compiled functions
+
+_EXECUTABLES: dict[tuple, Any] = {}
+
+
+def _run(name: str, fn, static: tuple, args: tuple, donate: tuple[int, ...] = (), desc: str = ""):
+    """Calls ``fn(*static, *args)`` compiled ahead of time once per (static, shapes, shardings)."""
+    leaves, treedef = jax.tree.flatten(args)
+    sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
+    key = (name, static, treedef, sig)
+    exe = _EXECUTABLES.get(key)
+    if exe is None:
+        t0 = time.perf_counter()
+        exe = jax.jit(functools.partial(fn, *static), donate_argnums=donate).lower(*args).compile()
+        log.info("sampler: compiled %s (%s) in %.1fs; %d compilations so far", name, desc, time.perf_counter() - t0, len(_EXECUTABLES) + 1)
+        _EXECUTABLES[key] = exe
+    return exe(*args)
+
+
+def compilation_count() -> int:
+    """How many sampler executables have been compiled in this process."""
+    return len(_EXECUTABLES)
+
+
+# --------------------------------------------------------------------------------- sharding
+
+
+def _shard_ctx(model: Llama) -> Optional[ShardingContext]:
+    return getattr(model, "shard", None)
+
+
+def _batch_multiple(ctx: Optional[ShardingContext]) -> int:
+    return 1 if ctx is None else ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+
+
+def _cache_axes(cache: KVCache) -> KVCache:
+    kv = ("batch", "act_kv_heads", "cache_length", None)
+    return KVCache(k=[kv] * len(cache.k), v=[kv] * len(cache.v), pos=("batch", "cache_length"), end=())
+
+
+def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any:
+    if ctx is None:
+        return tree
+    return jax.tree.map(ctx.constrain, tree, axes)
+
+
+def _put(ctx: Optional[ShardingContext], x: Any, axes: tuple) -> Array:
+    x = jnp.asarray(x)
+    return x if ctx is None else jax.device_put(x, ctx.sharding(axes, x.shape))
+
+
+# ------------------------------------------------------------------------------ decode forward
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _DecodeCache:
+    """The decode-time KV cache: keys transposed to ``[B, K, H, S]`` so ``q . k`` is a plain matmul
+    (2x faster on XLA:CPU than contracting the minor axis of ``[B, K, S, H]``); values ``[B, K, S, H]``;
+    ``pos`` ``[B, S]`` and ``end`` as in `KVCache`."""
+
+    k_bkhs: list[Array]
+    v_bksh: list[Array]
+    pos: Array
+    end: Array
+
+    @property
+    def capacity(self) -> int:
+        return self.pos.shape[1]
+
+
+def _cache_axes(cache: Any) -> Any:
+    """Logical axes of every array of a `KVCache` or `_DecodeCache` (batch, then KV heads)."""
+    kv, kt, pos = ("batch", "act_kv_heads", "cache_length", None), ("batch", "act_kv_heads", None, "cache_length"), ("batch", "cache_length")
+    if isinstance(cache, KVCache):
+        return KVCache(k=[kv] * len(cache.k), v=[kv] * len(cache.v), pos=pos, end=())
+    return _DecodeCache(k_bkhs=[kt] * len(cache.k_bkhs), v_bksh=[kv] * len(cache.v_bksh), pos=pos, end=())
+
+
+def _head_weights(model: Llama) -> Array:
+    """The LM head as ``[D, V]``: one plain matmul per step (the tied ``[V, D]`` form is slower on CPU)."""
+    if model.config.tie_word_embeddings:
+        return model.embedding_vd[...].T
+    return model.lm_head_dv[...]
+
+
+def _rope(x_bnh: Array, cos_b12h: Array, sin_b12h: Array) -> Array:
+    """`models.llama.apply_rope` for one position per row: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``.
+
+    Written as ``x * cos + swap_halves(x) * [-sin, sin]`` with tables built once per step: XLA:CPU
+    runs the concatenate of the plain form as a slow loop on one core.
+    """
+    b, n, h = x_bnh.shape
+    x = x_bnh.astype(jnp.float32).reshape(b, n, 2, h // 2)
+    return (x * cos_b12h + x[:, :, ::-1, :] * sin_b12h).reshape(b, n, h).astype(x_bnh.dtype)
+
+
+def _decode_attention(q_bnh: Array, k_bkhs: Array, v_bksh: Array, mask_bs: Array) -> Array:
+    """One query per row against the cache; each K/V head serves ``G = N // K`` query heads."""
+    b, n, h = q_bnh.shape
+    kh = k_bkhs.shape[1]
+    q = q_bnh.reshape(b, kh, n // kh, h)
+    scores = jnp.einsum("bkgh,bkhs->bkgs", q, k_bkhs, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+    scores = jnp.where(mask_bs[:, None, None, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
+    out = jnp.einsum("bkgs,bksh->bkgh", probs, v_bksh, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, h).astype(q_bnh.dtype)
+
+
+def _decode_logits(model: Llama, head_dv: Array, cache: _DecodeCache, tok_b: Array, pos_b: Array) -> tuple[Array, _DecodeCache]:
+    """Float32 logits ``[B, V]`` for one new token per row, written to cache slot ``cache.end``.
+
+    The same computation as ``Llama.hidden_states`` + ``logits`` for ``T = 1``, on 2-D views of the
+    weights (3-D einsums make XLA:CPU copy transposed weights inside the loop at every step).
+    """
+    c, ctx = model.config, _shard_ctx(model)
+    dt = jnp.dtype(c.dtype)
+    b = tok_b.shape[0]
+    d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    angles = pos_b.astype(jnp.float32)[:, None, None, None] * jnp.asarray(rope_inv_freq(c))  # [B, 1, 1, H/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    # Tables [B, 1, 2, H/2] built by concatenation, which XLA materializes once per step instead of
+    # recomputing cos/sin inside every layer's fusion.
+    cos, sin = jnp.concatenate([cos, cos], axis=2), jnp.concatenate([-sin, sin], axis=2)
+    slot_pos = jax.lax.dynamic_update_slice(cache.pos, pos_b[:, None], (0, cache.end))
+    mask = (slot_pos >= 0) & (slot_pos <= pos_b[:, None])
+    x = constrain(ctx, jnp.take(model.embedding_vd[...], tok_b, axis=0).astype(dt), ("batch", "act_embed"))
+    new_k, new_v = [], []
+    for i, blk in enumerate(model.layers):
+        with jax.named_scope(f"layer_{i}"):
+            a, y = blk.attn, blk.input_norm(x)
+            q = _rope((y @ a.q_proj_dnh[...].reshape(d, n * h).astype(dt)).reshape(b, n, h), cos, sin)
+            kk = _rope((y @ a.k_proj_dkh[...].reshape(d, k * h).astype(dt)).reshape(b, k, h), cos, sin)
+            vv = (y @ a.v_proj_dkh[...].reshape(d, k * h).astype(dt)).reshape(b, k, 1, h)
+            k_cache = jax.lax.dynamic_update_slice(cache.k_bkhs[i], kk[..., None].astype(cache.k_bkhs[i].dtype), (0, 0, 0, cache.end))
+            v_cache = jax.lax.dynamic_update_slice(cache.v_bksh[i], vv.astype(cache.v_bksh[i].dtype), (0, 0, cache.end, 0))
+            o = _decode_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
+            x = x + o.reshape(b, n * h) @ a.o_proj_nhd[...].reshape(n * h, d).astype(dt)
+            m, y = blk.mlp, blk.post_attn_norm(x)
+            x = x + (jax.nn.silu(y @ m.gate_proj_df[...].astype(dt)) * (y @ m.up_proj_df[...].astype(dt))) @ m.down_proj_fd[...].astype(dt)
+            x = constrain(ctx, x, ("batch", "act_embed"))
+            new_k.append(k_cache)
+            new_v.append(v_cache)
+    x = model.final_norm(x)
+    logits = constrain(ctx, jnp.dot(x, head_dv.astype(dt), preferred_element_type=jnp.float32), ("batch", "act_vocab"))
+    return logits, _DecodeCache(k_bkhs=new_k, v_bksh=new_v, pos=slot_pos, end=cache.end + 1)
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+    """Static sampling switches (compiled in); temperature and top_p values are runtime inputs."""
+
+    greedy: bool
+    top_k: int
+    top_p: bool
+
+
+def _argmax(x_bv: Array) -> Array:
+    """Lowest index of the row maximum (two vectorizable passes instead of a variadic reduce)."""
+    v = x_bv.shape[-1]
+    best = jnp.max(x_bv, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x_bv == best, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
+def _floor(bits_bv: Array, weighted: bool, need_b: Array) -> Array:
+    """Per row, the largest ``t`` with ``sum(w[bits >= t]) >= need``, ``w`` the floats whose bits are
+    ``bits`` (or with ``count(bits >= t) >= need`` if not ``weighted``).
+
+    Bisection over the bit patterns of non-negative floats (ordered like their values): 31 fused
+    passes over ``[B, V]``, exact, and far cheaper on CPU than sorting the vocabulary.
+    """
+
+    def halve(_, lo_hi):
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        hit = bits_bv >= mid[:, None]
+        if weighted:
+            got = jnp.sum(jnp.where(hit, jax.lax.bitcast_convert_type(bits_bv, jnp.float32), 0.0), axis=-1)
+        else:
+            got = jnp.sum(hit, axis=-1, dtype=jnp.float32)
+        ok = got >= need_b
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    b = bits_bv.shape[0]
+    lo, _ = jax.lax.fori_loop(0, 31, halve, (jnp.zeros((b,), jnp.int32), jnp.full((b,), 0x7F800001, jnp.int32)))
+    return lo
+
+
+def _inverse_cdf(w_bv: Array, u_b: Array, block: int = 256) -> Array:
+    """Index ``i`` with ``cumsum(w)[i-1] <= u * sum(w) < cumsum(w)[i]``, in two levels of blocks."""
+    b, v = w_bv.shape
+    nb = -(-v // block)
+    w = jnp.pad(w_bv, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    block_cum = jnp.cumsum(jnp.sum(w, axis=-1), axis=-1)  # [B, nb]
+    target = u_b * block_cum[:, -1]
+    j = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=-1), nb - 1)
+    before = jnp.where(j > 0, jnp.take_along_axis(block_cum, jnp.maximum(j - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(w, j[:, None, None], axis=1)[:, 0]  # [B, block]
+    i = jnp.sum(jnp.cumsum(inner, axis=-1) <= (target - before)[:, None], axis=-1)
+    last_nonzero = block - 1 - jnp.argmax(inner[:, ::-1] > 0, axis=-1)  # rounding guard
+    return (j * block + jnp.minimum(i, last_nonzero)).astype(jnp.int32)
+
+
+def _sample(logits_bv: Array, keys_b: Array, step: Array, knobs: dict, mode: _Mode) -> tuple[Array, Array]:
+    """Next token per row and its log-prob under the untempered, untruncated distribution."""
+    top = jnp.max(logits_bv, axis=-1, keepdims=True)
+    lse = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_bv - top), axis=-1))
+    if mode.greedy:
+        tok = _argmax(logits_bv)
+    else:
+        x = logits_bv / knobs["temperature"]
+        w = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # softmax(x) up to a per-row factor
+        bits = jax.lax.bitcast_convert_type(w, jnp.int32)
+        if mode.top_k:  # `lax.top_k` sorts the vocabulary: ~100x slower on CPU
+            w = jnp.where(bits >= _floor(bits, False, jnp.full(w.shape[:1], mode.top_k, jnp.float32))[:, None], w, 0.0)
+        if mode.top_p:
+            bits = jax.lax.bitcast_convert_type(w, jnp.int32)
+            w = jnp.where(bits >= _floor(bits, True, knobs["top_p"] * jnp.sum(w, axis=-1))[:, None], w, 0.0)
+        u = jax.vmap(lambda kk: jax.random.uniform(jax.random.fold_in(kk, step), (), jnp.float32))(keys_b)
+        tok = _inverse_cdf(w, u)
+    lp = jnp.take_along_axis(logits_bv, tok[:, None], axis=1)[:, 0] - lse
+    return tok, lp
+
+
+# ------------------------------------------------------------------------------- decode state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Rows:
+    """Per-row decode state. ``n``: tokens generated so far (the same for every row)."""
+
+    tokens: Array  # [R, Nb] int32, pad after a row is done
+    logprobs: Array  # [R, Nb] float32
+    last: Array  # [R] int32, the token fed to the next step
+    prompt_len: Array  # [R] int32
+    done: Array  # [R] bool
+    length: Array  # [R] int32, tokens generated including the stop id
+    keys: Array  # [R] PRNG keys of the rows
+    n: Array  # int32 scalar
+
+
+def _advance(rows: _Rows, tok: Array, lp: Array, knobs: dict) -> _Rows:
+    """Records the token of column ``rows.n`` for every row that is not done yet."""
+    live = ~rows.done
+    col = rows.n
+    tokens = jax.lax.dynamic_update_slice(rows.tokens, jnp.where(live, tok, knobs["pad_id"])[:, None], (0, col))
+    logprobs = jax.lax.dynamic_update_slice(rows.logprobs, jnp.where(live, lp, 0.0)[:, None], (0, col))
+    stopped = jnp.any(tok[:, None] == knobs["stop_ids"][None, :], axis=-1)
+    return _Rows(
+        tokens=tokens, logprobs=logprobs, last=tok, prompt_len=rows.prompt_len,
+        done=rows.done | stopped, length=jnp.where(live, col + 1, rows.length), keys=rows.keys, n=col + 1,
+    )
+
+
+# ------------------------------------------------------------------------ compiled functions
+
+
+def _prefill_fn(graphdef, state, cache, tokens_bt, seg_bt, pos_bt, last_b, h_last):
+    """One prefill chunk; keeps the hidden state of each row's last prompt token."""
+    model = nnx.merge(graphdef, state)
+    start = cache.end
+    h, cache = model.hidden_states(tokens_bt, positions=pos_bt, segment_ids=seg_bt, cache=cache)
+    idx = last_b - start
+    here = (idx >= 0) & (idx < tokens_bt.shape[1])
+    picked = jnp.take_along_axis(h, jnp.clip(idx, 0, tokens_bt.shape[1] - 1)[:, None, None], axis=1)[:, 0]
+    cache = _constrain_tree(_shard_ctx(model), cache, _cache_axes(cache))
+    return cache, jnp.where(here[:, None], picked, h_last)
+
+
+def _start_fn(graphdef, mode, expand, state, cache, h_last, src_r, rows, knobs):
+    """Gathers prefill rows to decode rows and samples every row's first token."""
+    model = nnx.merge(graphdef, state)
+    logits = model.logits(h_last[:, None, :])[:, 0]
+    rows_of = (lambda x: jnp.take(x, src_r, axis=0)) if expand else (lambda x: x)
+    cache = _DecodeCache(
+        k_bkhs=[rows_of(x).transpose(0, 1, 3, 2) for x in cache.k], v_bksh=[rows_of(x) for x in cache.v],
+        pos=rows_of(cache.pos), end=cache.end,
+    )
+    tok, lp = _sample(rows_of(logits), rows.keys, rows.n, knobs, mode)
+    cache = _constrain_tree(_shard_ctx(model), cache, _cache_axes(cache))
+    return cache, _advance(rows, tok, lp, knobs)
+
+
+def _decode_fn(graphdef, mode, state, head_dv, cache, rows, knobs):
+    """Decodes until the cache is full, every row is done, or ``max_new`` tokens exist."""
+    model = nnx.merge(graphdef, state)
+    capacity = cache.capacity
+
+    def cond(carry):
+        cache, rows = carry
+        return (cache.end < capacity) & (rows.n < knobs["max_new"]) & ~jnp.all(rows.done)
+
+    def body(carry):
+        cache, rows = carry
+        pos = rows.prompt_len + rows.n - 1  # position of the token being fed
+        logits, cache = _decode_logits(model, head_dv, cache, rows.last, pos)
+        tok, lp = _sample(logits, rows.keys, rows.n, knobs, mode)
+        return cache, _advance(rows, tok, lp, knobs)
+
+    return jax.lax.while_loop(cond, body, (cache, rows))
+
+
+def _copy_rows_fn(ctx, cache, src_r):
+    """Rows ``src_r`` of a `KVCache`."""
+    cache = KVCache(k=[jnp.take(x, src_r, axis=0) for x in cache.k], v=[jnp.take(x, src_r, axis=0) for x in cache.v],
+                    pos=jnp.take(cache.pos, src_r, axis=0), end=cache.end)
+    return _constrain_tree(ctx, cache, _cache_axes(cache))
+
+
+def _grow_fn(ctx, capacity, cache):
+    """The cache copied into ``capacity`` slots (new slots empty). Written with dynamic_update_slice
+    into fresh buffers: XLA:CPU's ``pad`` is many times slower here."""
+
+    def grow(x, axis, fill=0):
+        shape = list(x.shape)
+        shape[axis] = capacity
+        return jax.lax.dynamic_update_slice(jnp.full(shape, fill, x.dtype), x, (0,) * x.ndim)
+
+    cache = _DecodeCache(
+        k_bkhs=[grow(x, 3) for x in cache.k_bkhs], v_bksh=[grow(x, 2) for x in cache.v_bksh],
+        pos=grow(cache.pos, 1, -1), end=cache.end,
+    )
+    return _constrain_tree(ctx, cache, _cache_axes(cache))
+
+
+def _head_fn(graphdef, state):
+    return _head_weights(nnx.merge(graphdef, state))
+
+
+_HEAD_CACHE: list = []  # [(weakref to the embedding, its transposed copy)]: the last model's only
+
+
+def _lm_head(model: Llama, graphdef, state) -> Array:
+    """The ``[D, V]`` LM head; a tied embedding's transposed copy is kept while that embedding lives."""
+    if not model.config.tie_word_embeddings:
+        return model.lm_head_dv[...]
+    emb = model.embedding_vd[...]
+    if _HEAD_CACHE and _HEAD_CACHE[0][0]() is emb:
+        return _HEAD_CACHE[0][1]
+    head = _run("lm_head", _head_fn, (graphdef,), (state,), desc="transposed tied embedding")
+    _HEAD_CACHE[:] = [(weakref.ref(emb), head)]
+    return head
+
+
+# ------------------------------------------------------------------------------------ generate
+
+
+def _check_prompts(model: Llama, prompts: Sequence[Sequence[int]], extra: int, what: str = "prompt") -> list[list[int]]:
+    c = model.config
+    out = [[int(t) for t in p] for p in prompts]
+    if not out:
+        raise ValueError(f"no {what}s given")
+    for i, p in enumerate(out):
+        if not p:
+            raise ValueError(f"{what} {i} is empty: give at least one token (e.g. BOS id {c.bos_token_id})")
+        if min(p) < 0 or max(p) >= c.vocab_size:
+            raise ValueError(f"{what} {i} has token ids outside [0, {c.vocab_size})")
+        if len(p) + extra > c.max_position_embeddings:
+            raise ValueError(
+                f"{what} {i} has {len(p)} tokens; with {extra} more it exceeds the model's context of "
+                f"{c.max_position_embeddings} positions: truncate it or ask for fewer tokens"
+            )
+    return out
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _prompt_bucket(n: int, buckets: Buckets) -> int:
+    if n > buckets.prefill_chunk:
+        return _round_up(n, buckets.prefill_chunk)
+    return bucket(n, buckets.min_prompt, buckets.prompt_steps)
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    first, n = prompts[0], min(map(len, prompts))
+    for other in prompts[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n
+
+
+def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]], first_pos: int, pad: int, buckets: Buckets):
+    """Prefills right-padded ``parts`` (row ``i`` at positions ``first_pos + j``) from slot ``cache.end``.
+
+    ``h_last`` keeps, per row, the hidden state of the row's last token in this call.
+    """
+    ctx = _shard_ctx(model)
+    width = _prompt_bucket(max(map(len, parts)), buckets)
+    chunk = min(width, buckets.prefill_chunk)
+    rows = cache.batch
+    tokens = np.full((rows, width), pad, np.int32)
+    seg = np.zeros((rows, width), np.int32)
+    for i, p in enumerate(parts):
+        tokens[i, : len(p)], seg[i, : len(p)] = p, 1
+    positions = np.broadcast_to(first_pos + np.arange(width, dtype=np.int32), (rows, width))
+    start = int(cache.end)
+    last = np.full((rows,), -1, np.int32)
+    last[: len(parts)] = start + np.array([len(p) for p in parts]) - 1  # slot of each row's last token
+    last = _put(ctx, last, ("batch",))
+    for s in range(0, width, chunk):
+        sl = lambda a: _put(ctx, a[:, s : s + chunk], ("batch", "length"))
+        cache, h_last = _run("prefill", _prefill_fn, (graphdef,), (state, cache, sl(tokens), sl(seg), sl(positions), last, h_last),
+                             donate=(1, 6), desc=f"batch {rows}, chunk {chunk}, capacity {cache.capacity}")
+    return cache, h_last
+
+
+def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int, buckets: Buckets):
+    """The prompts' KV cache ``[bp, ...]`` and the hidden state of each prompt's last token.
+
+    A prefix shared by every prompt (a system prompt, say) of at least ``buckets.min_shared_prefix``
+    tokens is prefilled once and its cache rows copied to every prompt.
+    """
+    c, ctx = model.config, _shard_ctx(model)
+    shared = min(_shared_prefix(prompts), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
+    shared = shared if shared >= buckets.min_shared_prefix else 0
+    head = _prompt_bucket(shared, buckets) if shared else 0
+    capacity = bucket(head + _prompt_bucket(max(map(len, prompts)) - shared, buckets) + 1, buckets.min_capacity, buckets.capacity_steps)
+    new_h = lambda rows: _put(ctx, jnp.zeros((rows, c.hidden_size), jnp.dtype(c.dtype)), ("batch", "act_embed"))
+
+    def new_cache(rows):
+        cache = KVCache.create(c, rows, capacity)
+        return cache if ctx is None else jax.tree.map(lambda x, a: _put(ctx, x, a), cache, _cache_axes(cache))
+
+    if shared:
+        one = _batch_multiple(ctx)
+        cache, _ = _prefill_part(model, graphdef, state, new_cache(one), new_h(one), [prompts[0][:shared]], 0, pad, buckets)
+        cache = _run("copy_rows", _copy_rows_fn, (ctx,), (cache, _put(ctx, np.zeros((bp,), np.int32), ("batch",))),
+                     desc=f"{one} -> {bp} rows, capacity {capacity}")
+    else:
+        cache = new_cache(bp)
+    return _prefill_part(model, graphdef, state, cache, new_h(bp), [p[shared:] for p in prompts], shared, pad, buckets)
+
+
+def _put_rows(ctx: Optional[ShardingContext], rows: _Rows) -> _Rows:
+    if ctx is None:
+        return rows
+    two, one = ("batch", None), ("batch",)
+    return _Rows(
+        tokens=_put(ctx, rows.tokens, two), logprobs=_put(ctx, rows.logprobs, two), last=_put(ctx, rows.last, one),
+        prompt_len=_put(ctx, rows.prompt_len, one), done=_put(ctx, rows.done, one), length=_put(ctx, rows.length, one),
+        keys=jax.device_put(rows.keys, ctx.sharding(one, rows.keys.shape)), n=_put(ctx, rows.n, ()),
+    )
+
+
+def generate(
+    model: Llama,
+    prompt_tokens: Sequence[Sequence[int]],
+    *,
+    n_samples: int = 1,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_ids: Sequence[int] = (),
+    rng: Optional[Array] = None,
+    pad_id: Optional[int] = None,
+    buckets: Buckets = DEFAULT_BUCKETS,
+    row_ids: Optional[Sequence[int]] = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples ``n_samples`` continuations of every prompt (token ids in, token ids out).
+
+    Returns ``(tokens, lengths, logprobs)`` for ``B * n_samples`` rows, prompt-major (row
+    ``i * n_samples + j`` is sample ``j`` of prompt ``i``): ``tokens`` ``[R, max_new_tokens]`` int32,
+    ``pad_id`` (default: the config's pad id, else 0) after a row's stop id; ``lengths`` ``[R]``, new
+    tokens including the stop id; ``logprobs`` ``[R, max_new_tokens]`` float32, each sampled token's
+    log-prob under the model's untempered, untruncated distribution (0 after the end).
+    ``rng`` (a PRNG key) is needed unless ``temperature == 0``. ``row_ids`` (default ``0..R-1``)
+    name the rows' random streams; equal ids give equal samples whatever the batch.
+    """
+    c, ctx = model.config, _shard_ctx(model)
+    if max_new_tokens < 1 or n_samples < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and n_samples={n_samples} must be >= 1")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
+    greedy = temperature == 0
+    if rng is None and not greedy:
+        raise ValueError("sampling with temperature > 0 needs rng (a jax PRNG key)")
+    prompts = _check_prompts(model, prompt_tokens, max_new_tokens)
+    b, r = len(prompts), len(prompts) * n_samples
+    mult = _batch_multiple(ctx)
+    bp, bd = (_round_up(bucket(x, 1, buckets.batch_steps), mult) for x in (b, r))
+    lens = np.array([len(p) for p in prompts], np.int32)
+    pad = int(pad_id if pad_id is not None else (c.pad_token_id or 0))
+    mode = _Mode(greedy=greedy, top_k=0 if greedy or top_k >= c.vocab_size else int(top_k), top_p=not greedy and top_p < 1.0)
+    graphdef, state = nnx.split(model)
+    cache, h_last = _prefill(model, graphdef, state, prompts, bp, pad, buckets)
+
+    src = np.zeros((bd,), np.int32)
+    src[:r] = np.arange(r) // n_samples
+    ids = np.arange(bd, dtype=np.uint32)
+    if row_ids is not None:
+        ids[:r] = np.asarray(row_ids, np.uint32)
+    key = jax.random.key(0) if rng is None else rng
+    key = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+    stops = np.full((bucket(len(stop_ids), buckets.min_stop_ids, 1),), -1, np.int32)
+    stops[: len(stop_ids)] = list(stop_ids)
+    knobs = dict(
+        temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p), stop_ids=jnp.asarray(stops),
+        pad_id=jnp.int32(pad), max_new=jnp.int32(max_new_tokens),
+    )
+    nb = bucket(max_new_tokens, buckets.min_new, 2)
+    rows = _put_rows(ctx, _Rows(
+        tokens=jnp.full((bd, nb), pad, jnp.int32), logprobs=jnp.zeros((bd, nb), jnp.float32),
+        last=jnp.zeros((bd,), jnp.int32), prompt_len=jnp.asarray(lens[src]), done=jnp.asarray(np.arange(bd) >= r),
+        length=jnp.zeros((bd,), jnp.int32), keys=jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(ids)),
+        n=jnp.int32(0),
+    ))
+    expand = not (n_samples == 1 and bd == bp)
+    cache, rows = _run("start", _start_fn, (graphdef, mode, expand), (state, cache, h_last, _put(ctx, src, ("batch",)), rows, knobs),
+                       donate=(4,) if expand else (1, 4), desc=f"{bp} prompts -> {bd} rows, capacity {cache.capacity}, {mode}")
+    del h_last
+    head = _lm_head(model, graphdef, state)
+    while int(rows.n) < max_new_tokens and not bool(jnp.all(rows.done)):
+        if int(cache.end) >= cache.capacity:
+            grown = bucket(cache.capacity + 1, buckets.min_capacity, buckets.capacity_steps)
+            cache = _run("grow", _grow_fn, (ctx, grown), (cache,), desc=f"batch {bd}, capacity {cache.capacity} -> {grown}")
+        cache, rows = _run("decode", _decode_fn, (graphdef, mode), (state, head, cache, rows, knobs), donate=(2, 3),
+                           desc=f"batch {bd}, capacity {cache.capacity}, {nb} new, {mode}")
+    del cache
+    return (
+        np.asarray(rows.tokens)[:r, :max_new_tokens], np.asarray(rows.length)[:r],
+        np.asarray(rows.logprobs)[:r, :max_new_tokens],
+    )
+
+
+def generate_text(
+    model: Llama,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    *,
+    n_samples: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    rng: Optional[Array] = None,
+    batch_size: int = 64,
+    stop_ids: Optional[Sequence[int]] = None,
+    progress: bool = True,
+) -> list[list[str]]:
+    """Chat conversations in, ``n_samples`` reply strings per conversation out (input order).
+
+    Prompts are sorted by length and generated ``batch_size`` sequences at a time, so padding stays
+    small; each sequence's random stream is fixed by its position in ``conversations``, so the
+    replies do not depend on ``batch_size``. Stops at the tokenizer's EOS ids unless ``stop_ids``.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = []
+    for conv in conversations:
+        ids = tokenizer.apply_chat_template(list(conv), add_generation_prompt=True)
+        prompts.append([int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)])
+    stops = tuple(tokenizer.eos_token_ids if stop_ids is None else stop_ids)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    per_call = max(1, batch_size // n_samples)
+    out: list[list[str]] = [[] for _ in prompts]
+    with tqdm(total=len(prompts) * n_samples, disable=not progress, desc="generate", unit="seq") as bar:
+        for start in range(0, len(order), per_call):
+            idx = order[start : start + per_call]
+            ids = [int(i) * n_samples + j for i in idx for j in range(n_samples)]
+            toks, lens, _ = generate(
+                model, [prompts[i] for i in idx], n_samples=n_samples, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stops, rng=rng, row_ids=ids,
+            )
+            for k, i in enumerate(idx):
+                for j in range(n_samples):
+                    row = toks[k * n_samples + j, : lens[k * n_samples + j]].tolist()
+                    if row and row[-1] in stops:
+                        row = row[:-1]
+                    out[i].append(tokenizer.decode(row))
+            bar.update(len(idx) * n_samples)
+    return out
+
+
+# --------------------------------------------------------------------------------------- score
+
+
+class Scores(NamedTuple):
+    """``total`` ``[N]``: sum of response-token log-probs; ``per_token``: one ``[len(response)]``
+    array per sequence; ``hidden`` ``[N, D]``: mean final-norm hidden state over the response tokens."""
+
+    total: np.ndarray
+    per_token: Optional[list[np.ndarray]]
+    hidden: Optional[np.ndarray]
+
+
+def _score_fn(graphdef, chunk, state, tokens_bt, seg_bt, plen_b, rlen_b):
+    """Per-token log-probs ``[B, R]`` of the response tokens and their mean hidden state ``[B, D]``."""
+    model = nnx.merge(graphdef, state)
+    b, t = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _ = model.hidden_states(tokens_bt, positions=positions, segment_ids=seg_bt)
+    r = jnp.arange(chunk[1], dtype=jnp.int32)
+    valid = r[None, :] < rlen_b[:, None]
+    at = jnp.clip(plen_b[:, None] + r[None, :], 0, t - 1)  # response token positions
+    target = jnp.take_along_axis(tokens_bt, at, axis=1)
+    h_pred = jnp.take_along_axis(h, jnp.maximum(at - 1, 0)[:, :, None], axis=1)  # states that predict them
+
+    def one(args):  # the LM head over `chunk[0]` positions at a time bounds the logits' memory
+        hc, tc = args
+        logits = model.logits(hc)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.take_along_axis(logits, tc[:, :, None], axis=2)[:, :, 0] - lse
+
+    n = chunk[1] // chunk[0]
+    split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk[0], *x.shape[2:]), 1, 0)
+    lp = jnp.moveaxis(jax.lax.map(one, (split(h_pred), split(target))), 0, 1).reshape(b, chunk[1])
+    lp = jnp.where(valid, lp, 0.0)
+    h_resp = jnp.take_along_axis(h, at[:, :, None], axis=1).astype(jnp.float32)
+    hidden = jnp.sum(jnp.where(valid[:, :, None], h_resp, 0.0), axis=1) / jnp.maximum(rlen_b, 1)[:, None]
+    return lp, hidden
+
+
+def score(
+    model: Llama,
+    prompt_tokens: Sequence[Sequence[int]],
+    response_tokens: Sequence[Sequence[int]],
+    *,
+    return_per_token: bool = False,
+    return_hidden: bool = False,
+    batch_size: int = 16,
+    buckets: Buckets = DEFAULT_BUCKETS,
+) -> np.ndarray | Scores:
+    """Sum of ``log p(response_t | prompt, response_<t)`` per sequence, ``[N]`` float32.
+
+    With ``return_per_token`` or ``return_hidden`` returns `Scores` instead. Sequences are sorted
+    by length and run ``batch_size`` at a time through one jitted full forward; padding is masked
+    by segment ids, so results do not depend on the batch. An empty response scores 0.
+    """
+    if len(prompt_tokens) != len(response_tokens):
+        raise ValueError(f"{len(prompt_tokens)} prompts but {len(response_tokens)} responses")
+    c, ctx = model.config, _shard_ctx(model)
+    responses = [[int(t) for t in x] for x in response_tokens]
+    prompts = _check_prompts(model, prompt_tokens, 0)
+    _check_prompts(model, [p + x for p, x in zip(prompts, responses)], 0, what="prompt + response")
+    graphdef, state = nnx.split(model)
+    n = len(prompts)
+    total = np.zeros((n,), np.float32)
+    per_token: list[np.ndarray] = [np.zeros((0,), np.float32)] * n
+    hidden = np.zeros((n, c.hidden_size), np.float32)
+    order = np.argsort([len(p) + len(x) for p, x in zip(prompts, responses)], kind="stable")
+    mult = _batch_multiple(ctx)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        bb = -(-bucket(len(idx), 1, buckets.batch_steps) // mult) * mult
+        t = bucket(max(len(prompts[i]) + len(responses[i]) for i in idx), buckets.min_prompt, buckets.prompt_steps)
+        step = 1 << max(0, min(8, int(math.log2(max(1, (1 << 25) // (bb * c.vocab_size))))))
+        rb = -(-bucket(max(1, max(len(responses[i]) for i in idx)), 8, 2) // step) * step
+        tokens = np.zeros((bb, t), np.int32)
+        seg = np.zeros((bb, t), np.int32)
+        plen = np.ones((bb,), np.int32)
+        rlen = np.zeros((bb,), np.int32)
+        for k, i in enumerate(idx):
+            seq = prompts[i] + responses[i]
+            tokens[k, : len(seq)], seg[k, : len(seq)] = seq, 1
+            plen[k], rlen[k] = len(prompts[i]), len(responses[i])
+        two, one = ("batch", "length"), ("batch",)
+        lp, hid = _run("score", _score_fn, (graphdef, (step, rb)), (
+            state, _put(ctx, tokens, two), _put(ctx, seg, two), _put(ctx, plen, one), _put(ctx, rlen, one),
+        ), desc=f"batch {bb}, length {t}, response {rb}")
+        lp, hid = np.asarray(lp), np.asarray(hid)
+        for k, i in enumerate(idx):
+            per_token[i] = lp[k, : rlen[k]]
+            total[i] = lp[k, : rlen[k]].sum(dtype=np.float64)
+            hidden[i] = hid[k]
+    if not (return_per_token or return_hidden):
+        return total
+    return Scores(total=total, per_token=per_token if return_per_token else None, hidden=hidden if return_hidden else None)
+
+
+def _next_token_fn(graphdef, state, tokens_bt, seg_bt, last_b, cand_c):
+    """Log-probs ``[B, C]`` of the candidate ids as the token after each row's last real token."""
+    model = nnx.merge(graphdef, state)
+    b, t = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, _ = model.hidden_states(tokens_bt, positions=positions, segment_ids=seg_bt)
+    h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)  # [B, 1, D]
+    logp = jax.nn.log_softmax(model.logits(h_last)[:, 0], axis=-1)
+    return jnp.take(logp, cand_c, axis=1)
+
+
+def next_token_logprobs(
+    model: Llama,
+    sequences: Sequence[Sequence[int]],
+    candidate_ids: Sequence[int],
+    *,
+    batch_size: int = 16,
+    buckets: Buckets = DEFAULT_BUCKETS,
+) -> np.ndarray:
+    """``[N, C]`` log p(candidate | sequence) for forced-prefix readouts (a judge's ``Score:``).
+
+    One jitted forward per length-bucketed batch; only the last position goes through the LM head.
+    """
+    ctx = _shard_ctx(model)
+    seqs = _check_prompts(model, sequences, 1, what="sequence")
+    graphdef, state = nnx.split(model)
+    cand = jnp.asarray(np.asarray(candidate_ids, np.int32))
+    out = np.zeros((len(seqs), len(candidate_ids)), np.float32)
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    mult = _batch_multiple(ctx)
+    for start in range(0, len(seqs), batch_size):
+        idx = order[start : start + batch_size]
+        bb = -(-bucket(len(idx), 1, buckets.batch_steps) // mult) * mult
+        t = bucket(max(len(seqs[i]) for i in idx), buckets.min_prompt, buckets.prompt_steps)
+        tokens = np.zeros((bb, t), np.int32)
+        seg = np.zeros((bb, t), np.int32)
+        last = np.zeros((bb,), np.int32)
+        for k, i in enumerate(idx):
+            tokens[k, : len(seqs[i])], seg[k, : len(seqs[i])], last[k] = seqs[i], 1, len(seqs[i]) - 1
+        two, one = ("batch", "length"), ("batch",)
+        lp = _run("next_token", _next_token_fn, (graphdef,), (
+            state, _put(ctx, tokens, two), _put(ctx, seg, two), _put(ctx, last, one), cand,
+        ), desc=f"batch {bb}, length {t}")
+        out[idx] = np.asarray(lp)[: len(idx)]
+    return out
