@@ -94,6 +94,11 @@ def _forced_probs(model, tokenizer, prompts: Sequence[str], texts: Sequence[str]
     return p / p.sum(axis=1, keepdims=True)
 
 
+def _check_readout(readout: str) -> None:
+    if readout not in ("parse", "expected"):
+        raise ValueError(f"readout={readout!r}: expected 'parse' or 'expected'")
+
+
 def judge(
     model,
     tokenizer,
@@ -107,6 +112,7 @@ def judge(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """``s.n`` judgments per ``(instruction, response)``; scores, mean, variance, fallbacks."""
+    _check_readout(readout)
     prompts = [judge_prompt(i, r, templates) for i, r in items]
     judgments = _generate(model, tokenizer, prompts, s, rng, batch_size, progress)
     scores = [[parse_score(t) for t in js] for js in judgments]
@@ -119,8 +125,6 @@ def judge(
             expected = probs @ np.arange(len(SCORE_LABELS), dtype=np.float64)
             for (i, j), value in zip(flat, expected):
                 scores[i][j] = float(value)
-    elif readout != "parse":
-        raise ValueError(f"readout={readout!r}: expected 'parse' or 'expected'")
     out = []
     for js, sc, fb in zip(judgments, scores, fallbacks):
         mean, var, n_valid, n_failed = aggregate_scores(sc)
@@ -142,6 +146,7 @@ def meta_judge(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One verdict per ``(instruction, response, judgment_a, judgment_b)``: r in {1, -1, 0}."""
+    _check_readout(readout)
     prompts = [meta_judge_prompt(i, r, a, b, templates) for i, r, a, b in battles]
     texts = [row[0] for row in _generate(model, tokenizer, prompts, dataclasses.replace(s, n=1), rng, batch_size, progress)]
     verdicts = [verdict_to_result(parse_winner(t)) for t in texts]
@@ -153,8 +158,6 @@ def meta_judge(
                                   "Winner: Judgment", ("A", "B"), batch_size)
             for i, (pa, pb) in zip(idx, probs):
                 verdicts[i] = 1 if pa > pb else -1 if pb > pa else 0
-    elif readout != "parse":
-        raise ValueError(f"readout={readout!r}: expected 'parse' or 'expected'")
     return [{"text": t, "verdict": v, "fallback": f} for t, v, f in zip(texts, verdicts, fallback)]
 
 
