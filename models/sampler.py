@@ -3,26 +3,25 @@
 ``generate`` turns token prompts into sampled continuations, ``score`` sums the log-probs of given
 responses, ``generate_text`` goes from chat messages to strings for the roles.
 
-How a call runs (the measurements behind each choice are in PERF_NOTES.md):
+How a call runs (the measurements behind each choice are in PERF_NOTES.md and the docstrings):
 
-1. Prompts are right-padded to a *prompt bucket* and prefilled in chunks of at most
-   ``Buckets.prefill_chunk`` tokens into a preallocated KV cache. Padding slots hold position ``-1``
-   and are masked, so rows of different lengths share one write index. Only the hidden state of each
-   prompt's last token goes through the LM head.
-2. The prefill cache rows are gathered to ``B * n_samples`` decode rows (one prefill per prompt,
-   however many samples), and the first token of every row is sampled.
+1. Prompts are right-padded to a *prompt bucket* and prefilled into a preallocated KV cache, in
+   chunks for long prompts. Padding slots hold position ``-1`` and are masked, so rows of different
+   lengths share one write index. A prefix shared by all prompts (a system prompt) is prefilled once
+   and copied to every row. Only each prompt's last hidden state goes through the LM head.
+2. The prefill rows are gathered to ``B * n_samples`` decode rows (one prefill per prompt, however
+   many samples), and every row's first token is sampled.
 3. Decoding runs inside one ``lax.while_loop`` per *capacity bucket*: the cache holds only as many
    slots as the current bucket, so attention reads the filled part and at most the rest of the
-   bucket. When the bucket is full the cache is copied into the next bucket and the loop resumes.
-   The loop exits as soon as every row has produced a stop id. Cache and row buffers are donated.
+   bucket. When the bucket is full the cache is copied into the next one and the loop resumes; it
+   exits as soon as every row has produced a stop id. Cache and row buffers are donated.
 4. Every shape is rounded up to a bucket (batch, prompt length, capacity, output length, stop-id
-   count), so the number of compilations is bounded; each one is logged with ``logging.info``.
+   count), so compilations stay bounded; each one is logged with ``logging.info``.
 
-Decoding uses its own single-token forward (`_decode_logits`) over the model's parameters: 2-D
-weight views instead of 3-D einsums (which XLA:CPU transposes inside the loop every step), the LM
-head as one ``[D, V]`` matmul, and grouped-query attention without repeating K/V. Prefill and
-``score`` use the model's own ``hidden_states``; tests check both paths against a full forward and
-against Hugging Face.
+Prefill and decode share `_forward`, the computation of ``Llama.hidden_states`` on 2-D views of
+the same parameters (no copy), with keys cached transposed (``[B, K, H, S]``) so both attention
+products are plain batched matmuls, and the LM head as one ``[D, V]`` matmul. ``score`` uses the
+model's own forward. Tests check the sampler against a plain forward and against Hugging Face.
 
 Sampling semantics: temperature 0 is greedy (lowest id among ties). Otherwise logits are divided by
 the temperature, then top-k keeps the ``k`` largest (ties with the k-th kept), then top-p keeps the
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.llama import KVCache, Llama, rope_inv_freq
+from models.llama import Llama, rope_inv_freq
 from models.sharding import ShardingContext, constrain
 
 log = logging.getLogger(__name__)
@@ -123,11 +122,6 @@ def _batch_multiple(ctx: Optional[ShardingContext]) -> int:
     return 1 if ctx is None else ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
 
 
-def _cache_axes(cache: KVCache) -> KVCache:
-    kv = ("batch", "act_kv_heads", "cache_length", None)
-    return KVCache(k=[kv] * len(cache.k), v=[kv] * len(cache.v), pos=("batch", "cache_length"), end=())
-
-
 def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any:
     if ctx is None:
         return tree
@@ -147,7 +141,7 @@ def _put(ctx: Optional[ShardingContext], x: Any, axes: tuple) -> Array:
 class _DecodeCache:
     """The decode-time KV cache: keys transposed to ``[B, K, H, S]`` so ``q . k`` is a plain matmul
     (2x faster on XLA:CPU than contracting the minor axis of ``[B, K, S, H]``); values ``[B, K, S, H]``;
-    ``pos`` ``[B, S]`` and ``end`` as in `KVCache`."""
+    ``pos`` ``[B, S]`` (``-1``: empty or padding) and ``end`` as in `models.llama.KVCache`."""
 
     k_bkhs: list[Array]
     v_bksh: list[Array]
@@ -159,12 +153,10 @@ class _DecodeCache:
         return self.pos.shape[1]
 
 
-def _cache_axes(cache: Any) -> Any:
-    """Logical axes of every array of a `KVCache` or `_DecodeCache` (batch, then KV heads)."""
-    kv, kt, pos = ("batch", "act_kv_heads", "cache_length", None), ("batch", "act_kv_heads", None, "cache_length"), ("batch", "cache_length")
-    if isinstance(cache, KVCache):
-        return KVCache(k=[kv] * len(cache.k), v=[kv] * len(cache.v), pos=pos, end=())
-    return _DecodeCache(k_bkhs=[kt] * len(cache.k_bkhs), v_bksh=[kv] * len(cache.v_bksh), pos=pos, end=())
+def _cache_axes(cache: _DecodeCache) -> _DecodeCache:
+    """Logical axes of every array of the cache: batch, then KV heads."""
+    kv, kt = ("batch", "act_kv_heads", "cache_length", None), ("batch", "act_kv_heads", None, "cache_length")
+    return _DecodeCache(k_bkhs=[kt] * len(cache.k_bkhs), v_bksh=[kv] * len(cache.v_bksh), pos=("batch", "cache_length"), end=())
 
 
 def _head_weights(model: Llama) -> Array:
@@ -174,66 +166,73 @@ def _head_weights(model: Llama) -> Array:
     return model.lm_head_dv[...]
 
 
-def _rope(x_bnh: Array, cos_b12h: Array, sin_b12h: Array) -> Array:
-    """`models.llama.apply_rope` for one position per row: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``.
+def _rope(x_btnh: Array, cos_bt12h: Array, sin_bt12h: Array) -> Array:
+    """`models.llama.apply_rope`: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``, written as
+    ``x * [c, c] + swap_halves(x) * [-s, s]`` with tables built once per call (XLA:CPU runs the
+    concatenate of the plain form as a slow single-core loop, and would recompute cos/sin per layer)."""
+    b, t, n, h = x_btnh.shape
+    x = x_btnh.astype(jnp.float32).reshape(b, t, n, 2, h // 2)
+    return (x * cos_bt12h + x[:, :, :, ::-1, :] * sin_bt12h).reshape(b, t, n, h).astype(x_btnh.dtype)
 
-    Written as ``x * cos + swap_halves(x) * [-sin, sin]`` with tables built once per step: XLA:CPU
-    runs the concatenate of the plain form as a slow loop on one core.
+
+def _attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array) -> Array:
+    """Grouped-query attention against the cache without repeating K/V (``G = N // K``).
+
+    Each KV head's ``G * T`` queries form the rows of one ``[G*T, H] x [H, S]`` matmul: 4-D batched
+    matmuls stay on XLA:CPU's fast path (a 5-D ``btkgh`` einsum falls off it, ~10x slower).
     """
-    b, n, h = x_bnh.shape
-    x = x_bnh.astype(jnp.float32).reshape(b, n, 2, h // 2)
-    return (x * cos_b12h + x[:, :, ::-1, :] * sin_b12h).reshape(b, n, h).astype(x_bnh.dtype)
+    b, t, n, h = q_btnh.shape
+    kh, g = k_bkhs.shape[1], n // k_bkhs.shape[1]
+    q = q_btnh.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+    scores = jnp.einsum("bkmh,bkhs->bkms", q, k_bkhs, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores.reshape(b, kh, g, t, -1), _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype).reshape(b, kh, g * t, -1)
+    out = jnp.einsum("bkms,bksh->bkmh", probs, v_bksh, preferred_element_type=jnp.float32)
+    return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
-def _decode_attention(q_bnh: Array, k_bkhs: Array, v_bksh: Array, mask_bs: Array) -> Array:
-    """One query per row against the cache; each K/V head serves ``G = N // K`` query heads."""
-    b, n, h = q_bnh.shape
-    kh = k_bkhs.shape[1]
-    q = q_bnh.reshape(b, kh, n // kh, h)
-    scores = jnp.einsum("bkgh,bkhs->bkgs", q, k_bkhs, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
-    scores = jnp.where(mask_bs[:, None, None, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
-    out = jnp.einsum("bkgs,bksh->bkgh", probs, v_bksh, preferred_element_type=jnp.float32)
-    return out.reshape(b, n, h).astype(q_bnh.dtype)
+def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array, seg_bt: Array) -> tuple[Array, _DecodeCache]:
+    """Final-norm hidden states ``[B, T, D]`` of ``T`` new tokens per row, cached from slot ``cache.end``.
 
-
-def _decode_logits(model: Llama, head_dv: Array, cache: _DecodeCache, tok_b: Array, pos_b: Array) -> tuple[Array, _DecodeCache]:
-    """Float32 logits ``[B, V]`` for one new token per row, written to cache slot ``cache.end``.
-
-    The same computation as ``Llama.hidden_states`` + ``logits`` for ``T = 1``, on 2-D views of the
-    weights (3-D einsums make XLA:CPU copy transposed weights inside the loop at every step).
+    The computation of ``Llama.hidden_states`` with a cache (padding: ``seg == 0``, slot position
+    ``-1``), on 2-D views of the weights: XLA:CPU copies transposed weights for the model's 3-D
+    einsums and runs ``[B, 1, D]`` matmuls slower, which inside a decode loop costs 10-20% per step.
     """
     c, ctx = model.config, _shard_ctx(model)
     dt = jnp.dtype(c.dtype)
-    b = tok_b.shape[0]
+    b, t = tokens_bt.shape
     d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    angles = pos_b.astype(jnp.float32)[:, None, None, None] * jnp.asarray(rope_inv_freq(c))  # [B, 1, 1, H/2]
+    angles = pos_bt.astype(jnp.float32)[:, :, None, None, None] * jnp.asarray(rope_inv_freq(c))  # [B, T, 1, 1, H/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    # Tables [B, 1, 2, H/2] built by concatenation, which XLA materializes once per step instead of
-    # recomputing cos/sin inside every layer's fusion.
-    cos, sin = jnp.concatenate([cos, cos], axis=2), jnp.concatenate([-sin, sin], axis=2)
-    slot_pos = jax.lax.dynamic_update_slice(cache.pos, pos_b[:, None], (0, cache.end))
-    mask = (slot_pos >= 0) & (slot_pos <= pos_b[:, None])
-    x = constrain(ctx, jnp.take(model.embedding_vd[...], tok_b, axis=0).astype(dt), ("batch", "act_embed"))
+    cos, sin = jnp.concatenate([cos, cos], axis=3), jnp.concatenate([-sin, sin], axis=3)  # [B, T, 1, 2, H/2]
+    slot_pos = jax.lax.dynamic_update_slice(cache.pos, jnp.where(seg_bt != 0, pos_bt, -1), (0, cache.end))
+    mask = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] <= pos_bt[:, :, None]) & (seg_bt != 0)[:, :, None]
+    x = jnp.take(model.embedding_vd[...], tokens_bt.reshape(b * t), axis=0).astype(dt)  # [B*T, D]
+    x = constrain(ctx, x, ("batch", "act_embed"))
+    w2 = lambda p, rows: p[...].reshape(rows, -1).astype(dt)  # a weight as a 2-D [in, out] view
     new_k, new_v = [], []
     for i, blk in enumerate(model.layers):
         with jax.named_scope(f"layer_{i}"):
             a, y = blk.attn, blk.input_norm(x)
-            q = _rope((y @ a.q_proj_dnh[...].reshape(d, n * h).astype(dt)).reshape(b, n, h), cos, sin)
-            kk = _rope((y @ a.k_proj_dkh[...].reshape(d, k * h).astype(dt)).reshape(b, k, h), cos, sin)
-            vv = (y @ a.v_proj_dkh[...].reshape(d, k * h).astype(dt)).reshape(b, k, 1, h)
-            k_cache = jax.lax.dynamic_update_slice(cache.k_bkhs[i], kk[..., None].astype(cache.k_bkhs[i].dtype), (0, 0, 0, cache.end))
+            q = _rope((y @ w2(a.q_proj_dnh, d)).reshape(b, t, n, h), cos, sin)
+            kk = _rope((y @ w2(a.k_proj_dkh, d)).reshape(b, t, k, h), cos, sin).transpose(0, 2, 3, 1)  # [B, K, H, T]
+            vv = (y @ w2(a.v_proj_dkh, d)).reshape(b, t, k, h).transpose(0, 2, 1, 3)  # [B, K, T, H]
+            k_cache = jax.lax.dynamic_update_slice(cache.k_bkhs[i], kk.astype(cache.k_bkhs[i].dtype), (0, 0, 0, cache.end))
             v_cache = jax.lax.dynamic_update_slice(cache.v_bksh[i], vv.astype(cache.v_bksh[i].dtype), (0, 0, cache.end, 0))
-            o = _decode_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
-            x = x + o.reshape(b, n * h) @ a.o_proj_nhd[...].reshape(n * h, d).astype(dt)
+            o = _attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
+            x = x + o.reshape(b * t, n * h) @ w2(a.o_proj_nhd, n * h)
             m, y = blk.mlp, blk.post_attn_norm(x)
-            x = x + (jax.nn.silu(y @ m.gate_proj_df[...].astype(dt)) * (y @ m.up_proj_df[...].astype(dt))) @ m.down_proj_fd[...].astype(dt)
+            x = x + (jax.nn.silu(y @ w2(m.gate_proj_df, d)) * (y @ w2(m.up_proj_df, d))) @ w2(m.down_proj_fd, c.intermediate_size)
             x = constrain(ctx, x, ("batch", "act_embed"))
             new_k.append(k_cache)
             new_v.append(v_cache)
-    x = model.final_norm(x)
-    logits = constrain(ctx, jnp.dot(x, head_dv.astype(dt), preferred_element_type=jnp.float32), ("batch", "act_vocab"))
-    return logits, _DecodeCache(k_bkhs=new_k, v_bksh=new_v, pos=slot_pos, end=cache.end + 1)
+    x = model.final_norm(x).reshape(b, t, d)
+    return x, _DecodeCache(k_bkhs=new_k, v_bksh=new_v, pos=slot_pos, end=cache.end + t)
+
+
+def _logits(model: Llama, head_dv: Array, h_bd: Array) -> Array:
+    dt = h_bd.dtype
+    return constrain(_shard_ctx(model), jnp.dot(h_bd, head_dv.astype(dt), preferred_element_type=jnp.float32), ("batch", "act_vocab"))
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -353,7 +352,7 @@ def _prefill_fn(graphdef, state, cache, tokens_bt, seg_bt, pos_bt, last_b, h_las
     """One prefill chunk; keeps the hidden state of each row's last prompt token."""
     model = nnx.merge(graphdef, state)
     start = cache.end
-    h, cache = model.hidden_states(tokens_bt, positions=pos_bt, segment_ids=seg_bt, cache=cache)
+    h, cache = _forward(model, cache, tokens_bt, pos_bt, seg_bt)
     idx = last_b - start
     here = (idx >= 0) & (idx < tokens_bt.shape[1])
     picked = jnp.take_along_axis(h, jnp.clip(idx, 0, tokens_bt.shape[1] - 1)[:, None, None], axis=1)[:, 0]
@@ -361,16 +360,14 @@ def _prefill_fn(graphdef, state, cache, tokens_bt, seg_bt, pos_bt, last_b, h_las
     return cache, jnp.where(here[:, None], picked, h_last)
 
 
-def _start_fn(graphdef, mode, expand, state, cache, h_last, src_r, rows, knobs):
+def _start_fn(graphdef, mode, expand, state, head_dv, cache, h_last, src_r, rows, knobs):
     """Gathers prefill rows to decode rows and samples every row's first token."""
     model = nnx.merge(graphdef, state)
-    logits = model.logits(h_last[:, None, :])[:, 0]
-    rows_of = (lambda x: jnp.take(x, src_r, axis=0)) if expand else (lambda x: x)
-    cache = _DecodeCache(
-        k_bkhs=[rows_of(x).transpose(0, 1, 3, 2) for x in cache.k], v_bksh=[rows_of(x) for x in cache.v],
-        pos=rows_of(cache.pos), end=cache.end,
-    )
-    tok, lp = _sample(rows_of(logits), rows.keys, rows.n, knobs, mode)
+    logits = _logits(model, head_dv, h_last)
+    if expand:
+        cache = _copy_rows_fn(None, cache, src_r)
+        logits = jnp.take(logits, src_r, axis=0)
+    tok, lp = _sample(logits, rows.keys, rows.n, knobs, mode)
     cache = _constrain_tree(_shard_ctx(model), cache, _cache_axes(cache))
     return cache, _advance(rows, tok, lp, knobs)
 
@@ -387,7 +384,8 @@ def _decode_fn(graphdef, mode, state, head_dv, cache, rows, knobs):
     def body(carry):
         cache, rows = carry
         pos = rows.prompt_len + rows.n - 1  # position of the token being fed
-        logits, cache = _decode_logits(model, head_dv, cache, rows.last, pos)
+        h, cache = _forward(model, cache, rows.last[:, None], pos[:, None], jnp.ones_like(pos)[:, None])
+        logits = _logits(model, head_dv, h[:, 0])
         tok, lp = _sample(logits, rows.keys, rows.n, knobs, mode)
         return cache, _advance(rows, tok, lp, knobs)
 
@@ -395,9 +393,9 @@ def _decode_fn(graphdef, mode, state, head_dv, cache, rows, knobs):
 
 
 def _copy_rows_fn(ctx, cache, src_r):
-    """Rows ``src_r`` of a `KVCache`."""
-    cache = KVCache(k=[jnp.take(x, src_r, axis=0) for x in cache.k], v=[jnp.take(x, src_r, axis=0) for x in cache.v],
-                    pos=jnp.take(cache.pos, src_r, axis=0), end=cache.end)
+    """Rows ``src_r`` of a cache."""
+    rows = lambda x: jnp.take(x, src_r, axis=0)
+    cache = _DecodeCache(k_bkhs=[rows(x) for x in cache.k_bkhs], v_bksh=[rows(x) for x in cache.v_bksh], pos=rows(cache.pos), end=cache.end)
     return _constrain_tree(ctx, cache, _cache_axes(cache))
 
 
@@ -481,8 +479,10 @@ def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]],
     """
     ctx = _shard_ctx(model)
     width = _prompt_bucket(max(map(len, parts)), buckets)
-    chunk = min(width, buckets.prefill_chunk)
-    rows = cache.batch
+    rows = cache.pos.shape[0]
+    # Attention scores [rows, N, chunk, capacity] in float32 stay under ~1 GiB.
+    limit = max(16, (1 << 28) // (rows * model.config.num_heads * cache.capacity))
+    chunk = width if width <= min(limit, buckets.prefill_chunk) else math.gcd(width, 1 << int(math.log2(min(limit, buckets.prefill_chunk))))
     tokens = np.full((rows, width), pad, np.int32)
     seg = np.zeros((rows, width), np.int32)
     for i, p in enumerate(parts):
@@ -513,7 +513,12 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
     new_h = lambda rows: _put(ctx, jnp.zeros((rows, c.hidden_size), jnp.dtype(c.dtype)), ("batch", "act_embed"))
 
     def new_cache(rows):
-        cache = KVCache.create(c, rows, capacity)
+        dt, kh, hd, layers = jnp.dtype(c.dtype), c.num_kv_heads, c.head_dim, c.num_layers
+        cache = _DecodeCache(
+            k_bkhs=[jnp.zeros((rows, kh, hd, capacity), dt) for _ in range(layers)],
+            v_bksh=[jnp.zeros((rows, kh, capacity, hd), dt) for _ in range(layers)],
+            pos=jnp.full((rows, capacity), -1, jnp.int32), end=jnp.zeros((), jnp.int32),
+        )
         return cache if ctx is None else jax.tree.map(lambda x, a: _put(ctx, x, a), cache, _cache_axes(cache))
 
     if shared:
@@ -601,10 +606,10 @@ def generate(
         n=jnp.int32(0),
     ))
     expand = not (n_samples == 1 and bd == bp)
-    cache, rows = _run("start", _start_fn, (graphdef, mode, expand), (state, cache, h_last, _put(ctx, src, ("batch",)), rows, knobs),
-                       donate=(4,) if expand else (1, 4), desc=f"{bp} prompts -> {bd} rows, capacity {cache.capacity}, {mode}")
-    del h_last
     head = _lm_head(model, graphdef, state)
+    cache, rows = _run("start", _start_fn, (graphdef, mode, expand), (state, head, cache, h_last, _put(ctx, src, ("batch",)), rows, knobs),
+                       donate=(5,) if expand else (2, 5), desc=f"{bp} prompts -> {bd} rows, capacity {cache.capacity}, {mode}")
+    del h_last
     while int(rows.n) < max_new_tokens and not bool(jnp.all(rows.done)):
         if int(cache.end) >= cache.capacity:
             grown = bucket(cache.capacity + 1, buckets.min_capacity, buckets.capacity_steps)
@@ -739,8 +744,10 @@ def score(
         idx = order[start : start + batch_size]
         bb = -(-bucket(len(idx), 1, buckets.batch_steps) // mult) * mult
         t = bucket(max(len(prompts[i]) + len(responses[i]) for i in idx), buckets.min_prompt, buckets.prompt_steps)
-        step = 1 << max(0, min(8, int(math.log2(max(1, (1 << 25) // (bb * c.vocab_size))))))
-        rb = -(-bucket(max(1, max(len(responses[i]) for i in idx)), 8, 2) // step) * step
+        rb = bucket(max(1, max(len(responses[i]) for i in idx)), 8, 2)
+        # The LM head runs over `step` response positions at a time: at most ~128 MiB of logits.
+        step = 1 << max(0, min(int(math.log2(rb)), int(math.log2(max(1, (1 << 25) // (bb * c.vocab_size))))))
+        rb = _round_up(rb, step)
         tokens = np.zeros((bb, t), np.int32)
         seg = np.zeros((bb, t), np.int32)
         plen = np.ones((bb,), np.int32)

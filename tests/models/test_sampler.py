@@ -29,32 +29,44 @@ def prompts_of(lengths, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward(graphdef):
+def _forward(graphdef, hidden: bool):
     def run(state, tokens, seg):
-        return nnx.merge(graphdef, state)(tokens, segment_ids=seg)
+        model = nnx.merge(graphdef, state)
+        return model.hidden_states(tokens, segment_ids=seg)[0] if hidden else model(tokens, segment_ids=seg)
 
     return jax.jit(run)
 
 
-def full_logits(model, seqs) -> list[np.ndarray]:
-    """Float64 logits ``[len(seq), V]`` of each sequence from a plain forward (no cache).
-
-    Sequences are right-padded to a multiple of 64 and masked by segment ids, so one compiled
-    forward serves every length.
-    """
+def full_logits(model, seqs, hidden: bool = False) -> list[np.ndarray]:
+    """Float64 logits ``[len(seq), V]`` (or final hidden states) of each sequence from a plain
+    forward without cache. Sequences are right-padded to a multiple of 64 and masked by segment ids,
+    so one compiled forward serves every length."""
     graphdef, state = nnx.split(model)
     width = -(-max(map(len, seqs)) // 64) * 64
     tokens = np.zeros((len(seqs), width), np.int32)
     seg = np.zeros((len(seqs), width), np.int32)
     for i, x in enumerate(seqs):
         tokens[i, : len(x)], seg[i, : len(x)] = x, 1
-    out = np.asarray(_forward(graphdef)(state, jnp.asarray(tokens), jnp.asarray(seg)), np.float64)
+    out = np.asarray(_forward(graphdef, hidden)(state, jnp.asarray(tokens), jnp.asarray(seg)), np.float64)
     return [out[i, : len(x)] for i, x in enumerate(seqs)]
 
 
 def log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def spy_prefill(monkeypatch) -> list:
+    """Records the token-array shape of every prefill call the sampler makes."""
+    calls, real_run = [], sampler._run
+
+    def spy(name, fn, static, args, **kw):
+        if name == "prefill":
+            calls.append(args[2].shape)
+        return real_run(name, fn, static, args, **kw)
+
+    monkeypatch.setattr(sampler, "_run", spy)
+    return calls
 
 
 def naive_greedy(model, prompt, n):
@@ -116,6 +128,19 @@ def test_greedy_does_not_depend_on_batch_composition(tiny):
     assert all(row.tolist() == alone[0].tolist() for row in twice)
 
 
+def test_shared_prefix_is_prefilled_once_with_the_same_result(tiny, monkeypatch):
+    system = prompts_of([21], seed=14)[0]
+    prompts = [system + p for p in prompts_of([4, 11, 1], seed=15)]
+    calls = spy_prefill(monkeypatch)
+    shared = sampler.generate(tiny, prompts, max_new_tokens=12, temperature=0.0)
+    assert calls == [(1, 24), (3, 16)]  # the 21-token prefix once (24-token bucket), then the rest
+    unshared = sampler.generate(tiny, prompts, max_new_tokens=12, temperature=0.0, buckets=sampler.Buckets(min_shared_prefix=10**9))
+    np.testing.assert_array_equal(shared[0], unshared[0])
+    np.testing.assert_allclose(shared[2], unshared[2], atol=1e-4)
+    for i, p in enumerate(prompts):
+        assert shared[0][i].tolist() == naive_greedy(tiny, p, 12)
+
+
 def test_long_prompt_prefills_in_chunks_with_the_same_result(tiny):
     prompt = prompts_of([300], seed=4)[0]
     small = sampler.Buckets(prefill_chunk=64)
@@ -123,17 +148,19 @@ def test_long_prompt_prefills_in_chunks_with_the_same_result(tiny):
     assert chunked[0].tolist() == naive_greedy(tiny, prompt, 8)
 
 
+@pytest.mark.slow
 def test_greedy_matches_hugging_face_on_smollm2(embedded_ours, embedded_hf):
     import torch
 
     _, ours = embedded_ours
     hf, hf_tok = embedded_hf
     tokenizer = models.load_tokenizer(models.EMBEDDED_NAME)
-    questions = ["What is the capital of France?", "Write a haiku about the sea.",
+    questions = ["Describe the city of Paris.", "Write a haiku about the sea.",
                  "How do I reverse a list in Python?", "Why is the sky blue? Answer in detail."]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
     stops = tuple(tokenizer.eos_token_ids)
-    toks, lens, _ = sampler.generate(ours, prompts, max_new_tokens=32, temperature=0.0, stop_ids=stops)
+    one_segment = sampler.Buckets(min_capacity=128)  # one decode compilation of the 30-layer model
+    toks, lens, _ = sampler.generate(ours, prompts, max_new_tokens=32, temperature=0.0, stop_ids=stops, buckets=one_segment)
     for i, p in enumerate(prompts):
         with torch.no_grad():
             out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=32, eos_token_id=list(stops),
@@ -146,6 +173,7 @@ def test_greedy_matches_hugging_face_on_smollm2(embedded_ours, embedded_hf):
             margin = abs(s[ref[j]] - s[mine[j]])
             assert margin < 1e-3, f"prompt {i}: diverges at token {j} with HF logit margin {margin:.2e}"
         print(f"prompt {i}: {len(mine)} tokens identical to HF: {mine == ref}")
+    assert (lens == 32).all(), "every prompt should run the full 32 tokens"
 
 
 # ----------------------------------------------------------------------------------- sampling
@@ -178,17 +206,9 @@ def test_decode_step_token_frequencies_match_truncated_softmax(tiny):
 def test_n_samples_share_one_prefill_and_match_repeated_prompts(tiny, monkeypatch):
     prompt = prompts_of([11], seed=8)[0]
     kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.95, rng=jax.random.key(1))
-    prefill_batches = []
-    real_run = sampler._run
-
-    def spy(name, fn, static, args, **k):
-        if name == "prefill":
-            prefill_batches.append(args[2].shape[0])
-        return real_run(name, fn, static, args, **k)
-
-    monkeypatch.setattr(sampler, "_run", spy)
+    calls = spy_prefill(monkeypatch)
     shared = sampler.generate(tiny, [prompt], n_samples=16, **kw)
-    assert prefill_batches == [1]
+    assert calls == [(1, 16)]  # one prefill row for 16 samples
     repeated = sampler.generate(tiny, [prompt] * 16, n_samples=1, **kw)
     np.testing.assert_array_equal(shared[0], repeated[0])
     np.testing.assert_array_equal(shared[1], repeated[1])
@@ -254,8 +274,7 @@ def test_score_equals_log_softmax_sum_of_a_plain_forward(tiny):
         want = lp[np.arange(len(p) - 1, len(seq) - 1), r] if r else np.zeros(0)
         np.testing.assert_allclose(out.per_token[i], want, atol=2e-4)
         np.testing.assert_allclose(out.total[i], want.sum(), atol=1e-3)
-        h, _ = tiny.hidden_states(jnp.asarray([seq]))
-        want_h = np.asarray(h)[0, len(p):].mean(0) if r else np.zeros(TINY.hidden_size)
+        want_h = full_logits(tiny, [seq], hidden=True)[0][len(p):].mean(0) if r else np.zeros(TINY.hidden_size)
         np.testing.assert_allclose(out.hidden[i], want_h, atol=2e-4)
     totals = sampler.score(tiny, prompts, responses)
     np.testing.assert_allclose(totals, out.total, atol=1e-5)
@@ -275,13 +294,16 @@ def test_generate_and_score_under_a_mesh_match_one_device():
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     sharded = models.create_model(TINY, seed=3, mesh=mesh)
     plain = models.create_model(TINY, seed=3)
-    prompts = prompts_of([5, 19, 8], seed=13)
+    system = prompts_of([18], seed=16)[0]  # a shared prefix exercises the copied prefill rows too
+    prompts = [system + p for p in prompts_of([5, 19, 8], seed=13)]
     a = sampler.generate(sharded, prompts, max_new_tokens=12, temperature=0.0)
     b = sampler.generate(plain, prompts, max_new_tokens=12, temperature=0.0)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[2], b[2], atol=1e-4)
     responses = [t.tolist() for t in b[0]]
     np.testing.assert_allclose(sampler.score(sharded, prompts, responses), sampler.score(plain, prompts, responses), atol=1e-3)
+    kw = dict(n_samples=3, max_new_tokens=6, temperature=1.0, top_p=0.9, rng=jax.random.key(6))
+    np.testing.assert_array_equal(sampler.generate(sharded, prompts, **kw)[0], sampler.generate(plain, prompts, **kw)[0])
 
 
 # ---------------------------------------------------------------------------------------- text
