@@ -25,15 +25,6 @@ from kernels import tile_math as tm
 from kernels.block_mask import row_ranges
 
 
-def _split_refs(refs, has_seg, has_pos):
-    seg, pos = (None, None), (None, None)
-    if has_seg:
-        seg, refs = refs[:2], refs[2:]
-    if has_pos:
-        pos, refs = refs[:2], refs[2:]
-    return seg, pos, refs
-
-
 def _ids(q_seg, kv_seg, q_pos, kv_pos):
     return [x for pair in ((q_seg, kv_seg), (q_pos, kv_pos)) if pair[0] is not None for x in pair]
 
@@ -59,7 +50,7 @@ def _row_mask(shape, seg, pos, q_rows, kv_rows, *, causal, kv_len, row0, col0):
 
 
 def _fwd_kernel(rng_ref, st_ref, q_ref, k_ref, v_ref, *refs, has_seg, has_pos, causal, scale, kv_len, block_kv, precision):
-    seg, pos, (o_ref, lse_ref) = _split_refs(refs, has_seg, has_pos)
+    seg, pos, (o_ref, lse_ref) = tm.split_refs(refs, has_seg, has_pos)
     block_q, d = q_ref.shape
     i = pl.program_id(2)
     q = q_ref[...]
@@ -117,7 +108,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, states, *, causal, scale, blo
 
 
 def _dq_kernel(rng_ref, st_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, has_seg, has_pos, causal, scale, kv_len, block_kv, precision):
-    seg, pos, (dq_ref,) = _split_refs(refs, has_seg, has_pos)
+    seg, pos, (dq_ref,) = tm.split_refs(refs, has_seg, has_pos)
     block_q, d = q_ref.shape
     i = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
@@ -173,7 +164,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, states, *
 
 
 def _dkv_kernel(rng_ref, st_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, has_seg, has_pos, causal, scale, kv_len, block_q, precision):
-    seg, pos, (dk_ref, dv_ref) = _split_refs(refs, has_seg, has_pos)
+    seg, pos, (dk_ref, dv_ref) = tm.split_refs(refs, has_seg, has_pos)
     block_kv, d = k_ref.shape
     group = q_ref.shape[0]
     j = pl.program_id(2)

@@ -24,16 +24,6 @@ from kernels import tile_math as tm
 from kernels.block_mask import FULL, PARTIAL, pack_fetch, unpack_fetch, unpack_state
 
 
-def _split_refs(refs, has_seg, has_pos):
-    """(q_seg, kv_seg), (q_pos, kv_pos), rest: the optional id refs sit after the dense inputs."""
-    seg, pos = (None, None), (None, None)
-    if has_seg:
-        seg, refs = refs[:2], refs[2:]
-    if has_pos:
-        pos, refs = refs[:2], refs[2:]
-    return seg, pos, refs
-
-
 def _mask(shape, i, j, seg, pos, *, causal, kv_len, block_q, block_kv):
     read = lambda r: None if r is None else r[...]
     return tm.tile_mask(
@@ -73,7 +63,7 @@ def _params(semantics, interpret):
 
 
 def _fwd_kernel(info_ref, q_ref, k_ref, v_ref, *refs, has_seg, has_pos, causal, scale, kv_len, precision):
-    seg, pos, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(refs, has_seg, has_pos)
+    seg, pos, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = tm.split_refs(refs, has_seg, has_pos)
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     block_q, block_kv = q_ref.shape[0], k_ref.shape[0]
     state = unpack_state(info_ref[b, i, j])
@@ -141,7 +131,7 @@ def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, states, *, causal, scale, blo
 
 
 def _dq_kernel(info_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, has_seg, has_pos, causal, scale, kv_len, precision):
-    seg, pos, (dq_ref, dq_sc) = _split_refs(refs, has_seg, has_pos)
+    seg, pos, (dq_ref, dq_sc) = tm.split_refs(refs, has_seg, has_pos)
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     block_q, block_kv = q_ref.shape[0], k_ref.shape[0]
     state = unpack_state(info_ref[b, i, j])
@@ -196,7 +186,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, states, *
 
 
 def _dkv_kernel(info_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, has_seg, has_pos, causal, scale, kv_len, precision):
-    seg, pos, (dk_ref, dv_ref, dk_sc, dv_sc) = _split_refs(refs, has_seg, has_pos)
+    seg, pos, (dk_ref, dv_ref, dk_sc, dv_sc) = tm.split_refs(refs, has_seg, has_pos)
     b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
     block_q, block_kv = q_ref.shape[0], k_ref.shape[0]
     state = unpack_state(info_ref[b, j, i])

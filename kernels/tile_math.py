@@ -103,3 +103,13 @@ def accumulate_dkv(p, ds, q, do, dk, dv, precision):
 
 def accumulate_dq(ds, k, dq, precision):
     return dq + dot_nn(ds.astype(k.dtype), k, precision)
+
+
+def split_refs(refs, has_seg, has_pos):
+    """(q_seg, kv_seg), (q_pos, kv_pos), rest: the optional id refs sit after the dense inputs."""
+    seg, pos = (None, None), (None, None)
+    if has_seg:
+        seg, refs = refs[:2], refs[2:]
+    if has_pos:
+        pos, refs = refs[:2], refs[2:]
+    return seg, pos, refs
