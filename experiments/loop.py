@@ -21,6 +21,7 @@ import numpy as np
 
 from experiments.cli import UsageError, config_dict
 from experiments.dpo import DPORunConfig, run_dpo
+from experiments.sft import tiny_config
 from metajudge import meta_judge as mj
 from metajudge.judge import highest_variance_index
 from metajudge.pairs import select_actor_pair
@@ -73,10 +74,7 @@ def _load(cfg: LoopConfig, source: str, mesh: Any):
 
     tok = models.load_tokenizer(cfg.tokenizer or (models.EMBEDDED_NAME if source == TINY_MODEL else source))
     if source == TINY_MODEL:
-        config = models.get_config(
-            "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_ids=tok.eos_token_ids,
-            pad_token_id=tok.pad_token_id, max_position_embeddings=4096, dtype=cfg.dtype, param_dtype=cfg.dtype,
-        )
+        config = tiny_config(tok, cfg.dtype)
         return config, models.create_model(config, seed=cfg.seed, mesh=mesh), tok
     config, model = models.load_model(source, dtype=cfg.dtype, mesh=mesh)
     return config, model, tok

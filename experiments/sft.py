@@ -61,6 +61,16 @@ class RunConfig:
 # -------------------------------------------------------------------------------------- presets
 
 
+def tiny_config(tok: Any, dtype: str) -> Any:
+    """The `tiny` test model sized for a real tokenizer (SmolLM2's vocabulary and special ids)."""
+    import models
+
+    return models.get_config(
+        "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_ids=tok.eos_token_ids,
+        pad_token_id=tok.pad_token_id, max_position_embeddings=4096, dtype=dtype, param_dtype=dtype,
+    )
+
+
 def load_preset(run: RunConfig, mesh: Any) -> tuple[Any, Any, Any]:
     """``(LlamaConfig, model, tokenizer)`` for ``run.preset`` (and its model/tokenizer overrides)."""
     import models
@@ -72,12 +82,8 @@ def load_preset(run: RunConfig, mesh: Any) -> tuple[Any, Any, Any]:
         config, model = models.load_model(run.model, dtype=run.dtype, mesh=mesh)
     elif run.preset == "smollm2":
         config, model = models.load_model(models.EMBEDDED_NAME, dtype=run.dtype, mesh=mesh)
-    else:  # tiny: SmolLM2's vocabulary so its real tokenizer fits
-        config = models.get_config(
-            "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_ids=tok.eos_token_ids,
-            pad_token_id=tok.pad_token_id, max_position_embeddings=4096,
-            dtype=run.dtype, param_dtype=run.dtype,
-        )
+    else:
+        config = tiny_config(tok, run.dtype)
         model = models.create_model(config, seed=run.train.seed, mesh=mesh)
     if tok.vocab_size > config.vocab_size:
         raise UsageError(f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}")
