@@ -142,3 +142,18 @@ def lower_for(fn, *args, platform_name: str, tpu_kind: str = "TPU v5 lite"):
             return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))
     finally:
         _CROSS_LOWERING[0] = False
+
+
+def shard_map(fn, mesh, in_specs, out_specs, *, interpret: bool):
+    """``jax.shard_map`` (``jax.experimental.shard_map`` before JAX 0.7) around a Pallas call.
+
+    The Pallas interpreter of JAX 0.10 mixes manual-axis-varying and invariant values in its
+    dynamic slices, so interpret mode runs with the varying-axes check off; compiled kernels
+    declare their outputs' varying axes (`out_struct`) and keep it on.
+    """
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=not interpret)
+    from jax.experimental.shard_map import shard_map as _legacy  # pragma: no cover - older JAX
+
+    return _legacy(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=not interpret)
+

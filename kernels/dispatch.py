@@ -21,7 +21,7 @@ packed segments are skipped block by block (``kernels/block_mask.py``).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -108,3 +108,47 @@ def attention(
         causal=True, segment_ids=segments, positions=(q_pos, kv_pos),
         block_sizes=block_sizes, interpret=interpret,
     )
+
+
+def sharded_attention(
+    q_btnh: Array,
+    k_bksh: Array,
+    v_bksh: Array,
+    *,
+    mesh: Any,
+    batch_axes: Any,
+    head_axis: Optional[str],
+    q_positions: Array,
+    kv_positions: Array,
+    q_segment_ids: Optional[Array] = None,
+    kv_segment_ids: Optional[Array] = None,
+    interpret: Optional[bool] = None,
+    block_sizes: Optional[BlockSizes] = None,
+) -> Array:
+    """The Pallas path of :func:`attention` on a sharded batch: one kernel call per device.
+
+    A ``pallas_call`` is opaque to the SPMD partitioner (left alone it would gather every operand
+    onto each device), so it runs inside ``shard_map``: rows split over ``batch_axes`` (mesh axis
+    names, or None), query and KV heads over ``head_axis`` (None when the KV heads do not divide:
+    the groups of a grouped-query layer must stay whole on one device).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    interp = compat.resolve_interpret(interpret)
+    rows = P(batch_axes, None)
+    specs = [P(batch_axes, None, head_axis, None), P(batch_axes, head_axis, None, None), P(batch_axes, head_axis, None, None),
+             rows, rows]
+    args = [q_btnh, k_bksh, v_bksh, jnp.asarray(q_positions, jnp.int32), jnp.asarray(kv_positions, jnp.int32)]
+    has_q_seg, has_kv_seg = q_segment_ids is not None, kv_segment_ids is not None
+    args += [x for x in (q_segment_ids, kv_segment_ids) if x is not None]
+    specs += [rows] * (has_q_seg + has_kv_seg)
+
+    def local(q, k, v, qp, kp, *segs):
+        segs = list(segs)
+        qs = segs.pop(0) if has_q_seg else None
+        ks = segs.pop(0) if has_kv_seg else None
+        return attention(q, k, v, q_positions=qp, kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks,
+                         impl="pallas", interpret=interp, block_sizes=block_sizes)
+
+    return compat.shard_map(local, mesh, tuple(specs), specs[0], interpret=interp)(*args)
+

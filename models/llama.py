@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import dispatch as attention_kernels
-from models.sharding import ShardingContext, constrain
+from models.sharding import ShardingContext, constrain, logical_to_spec
 
 Array = jax.Array
 
@@ -292,14 +292,26 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, end, 0))
             kv_pos, kv_seg, new_cache = slot_pos, None, (k, v)
         if attention_kernels.resolve_impl(self.config.attention_impl) == "pallas":
-            out = attention_kernels.attention(
-                q, k.astype(dt), v.astype(dt), q_positions=pos_bt, kv_positions=kv_pos,
-                q_segment_ids=seg_bt, kv_segment_ids=kv_seg, impl="pallas",
-            )
+            out = self._pallas(q, k.astype(dt), v.astype(dt), pos_bt, kv_pos, seg_bt, kv_seg)
         else:
             out = dot_product_attention(q, k.astype(dt), v.astype(dt), attention_mask(pos_bt, kv_pos, seg_bt, kv_seg))
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj_nhd.value.astype(dt))
         return out, new_cache
+
+
+    def _pallas(self, q, k, v, pos_bt, kv_pos, seg_bt, kv_seg) -> Array:
+        """The Pallas kernels; on a mesh, once per device through ``shard_map`` (batch rows over
+        ``data``/``fsdp`` and heads over ``tensor`` where they divide, as the activations are)."""
+        kw = dict(q_positions=pos_bt, kv_positions=kv_pos, q_segment_ids=seg_bt, kv_segment_ids=kv_seg)
+        if self.shard is None:
+            return attention_kernels.attention(q, k, v, impl="pallas", **kw)
+        mesh, rules = self.shard.mesh, self.shard.rule_map
+        batch = logical_to_spec(("batch",), q.shape[:1], mesh, rules)
+        heads = logical_to_spec(("act_kv_heads",), k.shape[1:2], mesh, rules)
+        q_heads = logical_to_spec(("act_heads",), q.shape[2:3], mesh, rules)
+        head_axis = heads[0] if len(heads) and len(q_heads) and heads[0] == q_heads[0] else None
+        return attention_kernels.sharded_attention(
+            q, k, v, mesh=mesh, batch_axes=batch[0] if len(batch) else None, head_axis=head_axis, **kw)
 
 
 class MLP(nnx.Module):

@@ -152,3 +152,32 @@ def test_tiny_model_cached_decoding_with_pallas_matches_xla():
         return jnp.concatenate(chunks, axis=1)
 
     assert scaled_err(decode("pallas"), decode("xla")) < 1e-5
+
+
+@needs_patch
+def test_sharded_tiny_model_with_pallas_matches_unsharded_xla():
+    """On the 8-device mesh (data=2, fsdp=2, tensor=2) the kernels run per device in shard_map:
+    logits and gradients equal the unsharded XLA model's."""
+    tokens, seg, pos = _tokens()
+    tokens, seg, pos = (jnp.concatenate([x, x[::-1]]) for x in (tokens, seg, pos))  # batch 4: divides data*fsdp
+    config = models.get_config("tiny", num_layers=1)
+    mesh = models.make_mesh("data=2,fsdp=2,tensor=2")
+
+    def logits_and_grads(impl, mesh):
+        model = models.create_model(config.replace(attention_impl=impl), seed=0, mesh=mesh)
+
+        def loss(m):
+            logits = m(tokens, segment_ids=seg, positions=pos)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 5] * (seg != 0)), logits
+
+        (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+        return logits, grads
+
+    xla_logits, xla_grads = logits_and_grads("xla", None)
+    pallas_logits, pallas_grads = logits_and_grads("pallas", mesh)
+    assert scaled_err(pallas_logits, xla_logits) < 1e-5
+    for g, r in zip(jax.tree.leaves(pallas_grads), jax.tree.leaves(xla_grads)):
+        assert scaled_err(np.asarray(g), np.asarray(r)) < 1e-4
+    jaxpr = str(jax.make_jaxpr(lambda t: models.create_model(config.replace(attention_impl="pallas"), seed=0, mesh=mesh)(
+        t, segment_ids=seg, positions=pos))(tokens))
+    assert "shard_map" in jaxpr
