@@ -1,8 +1,11 @@
 """What every entry point shares: user errors as one line (exit 2), and ``--set key=value`` overrides.
 
-``run_main(main)`` runs ``main(argv)`` and turns the errors a user can fix (a bad data file, a bad
-preset or model path, a diverged run, a missing file, a bad option) into ``error: <message>`` on
-stderr and exit status 2, without a traceback. Anything else is a bug and keeps its traceback.
+``run_main(main)`` starts ``jax.distributed`` when the run spans several processes (a TPU pod
+slice, or the ``METAJUDGE_COORDINATOR`` / ``METAJUDGE_NUM_PROCESSES`` / ``METAJUDGE_PROCESS_ID``
+variables: see ``models.distributed``), then runs ``main(argv)`` and turns the errors a user can
+fix (a bad data file, a bad preset or model path, a diverged run, a missing file, a bad option, an
+incomplete multi-process setting) into ``error: <message>`` on stderr and exit status 2, without a
+traceback. Anything else is a bug and keeps its traceback.
 
 ``apply_overrides(cfg, ["train.learning_rate=1e-5", "pack=false"])`` replaces fields of a frozen
 dataclass by dotted name, parsing each value with the field's declared type.
@@ -11,7 +14,9 @@ dataclass by dotted name, parsing each value with the field's declared type.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import traceback
 import types
 import typing
 from typing import Any, Callable, Literal, Optional, Sequence, Union
@@ -25,8 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from metajudge.data import DataError
     from metajudge.train import TrainingDiverged
     from models.checkpoint_formats import LoadError
+    from models.distributed import DistributedSetupError
 
-    return (UsageError, LoadError, DataError, TrainingDiverged, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+    return (UsageError, LoadError, DataError, TrainingDiverged, DistributedSetupError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def error_message(e: BaseException) -> str:
@@ -37,16 +43,41 @@ def error_message(e: BaseException) -> str:
 
 def run_main(fn: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> None:
     """Runs ``fn()`` (``fn(argv)`` when ``argv`` is given) and exits: 0 (or ``fn``'s int result),
-    2 on a user error, 130 on Ctrl-C."""
+    2 on a user error, 130 on Ctrl-C, 1 on a bug (with its traceback).
+
+    A multi-process run starts ``jax.distributed`` first. When one of its processes fails it
+    exits at once instead of waiting at ``jax.distributed``'s shutdown barrier for processes that
+    may be gone (the others fail at their next collective and exit likewise).
+    """
+    from models.distributed import initialize, is_initialized
+
     try:
+        initialize()
         rc = fn() if argv is None else fn(argv)
     except _user_errors() as e:
         print(f"error: {error_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
+    except Exception:
+        if not is_initialized():
+            raise
+        traceback.print_exc()
+        _exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _exit(code: int) -> None:
+    """``sys.exit(code)``; on a multi-process run ``os._exit`` after flushing, which skips the
+    shutdown barrier of ``jax.distributed``."""
+    from models.distributed import is_initialized
+
+    if is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # ------------------------------------------------------------------------------ --set overrides
@@ -99,6 +130,8 @@ def _set(obj: Any, path: list[str], raw: str, key: str) -> Any:
         raise UsageError(f"--set {key}: {type(obj).__name__} has no field {name!r}; fields: {', '.join(fields)}")
     if len(path) > 1:
         sub = getattr(obj, name)
+        if sub is None and hasattr(obj, "group_default"):  # an unset optional group starts from its default
+            sub = obj.group_default(name)
         if not dataclasses.is_dataclass(sub):
             raise UsageError(f"--set {key}: {name!r} is not a group of settings")
         value = _set(sub, path[1:], raw, key)

@@ -45,6 +45,10 @@ def _mesh_of(model: Any) -> Any:
 
 
 def _write_jsonl(path: str, records: Sequence[dict]) -> None:
+    from models.distributed import is_primary
+
+    if not is_primary():  # one writer on multi-process runs
+        return
     with open(path + ".tmp", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -55,11 +59,13 @@ def reference_pairs(model: Any, tokenizer: Any, pairs_jsonl: str, run: DPORunCon
     """Tokenized DPO rows with reference log-probs (read back, taken from the pairs, or computed)."""
     from metajudge.data import DataError, build_dpo_examples, read_jsonl
     from metajudge.train import compute_reference_logps
+    from models.distributed import broadcast_json, is_primary
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     build = lambda recs: build_dpo_examples(recs, tokenizer, max_len=run.max_len, max_prompt_len=run.max_prompt_len, pad_id=pad)
     ref_path = os.path.join(run.out, REF_FILE)
-    if resume and os.path.exists(ref_path):
+    # Process 0 decides, so that every process of a multi-process run takes the same branch.
+    if resume and broadcast_json(os.path.exists(ref_path) if is_primary() else None):
         records, _ = read_jsonl(ref_path, kind="dpo", on_error="raise")
         return build(records)
     check_data_file(pairs_jsonl)

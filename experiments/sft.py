@@ -130,9 +130,26 @@ def _batch_crc(kind: str, batch: dict) -> int:
     return zlib.crc32(np.ascontiguousarray(batch[key]).tobytes())
 
 
+def _global_batch_stats(kind: str, batch: dict, batch_size: int) -> tuple[int, int]:
+    """Tokens and CRC of the whole global batch when each process holds only some of its rows:
+    tokens summed over the processes' row blocks, the CRC of the processes' CRCs (in process order)."""
+    from models.distributed import process_count, process_gather
+
+    n_tok, crc = _batch_tokens(kind, batch), _batch_crc(kind, batch)
+    if process_count() == 1:
+        return n_tok, crc
+    rows = len(next(iter(batch.values())))
+    per_process = process_gather(np.asarray([n_tok, crc, rows], np.int64))
+    copies = int(per_process[:, 2].sum()) // batch_size  # processes holding the same rows count once
+    return int(per_process[:, 0].sum()) // max(copies, 1), zlib.crc32(per_process[:, 1].tobytes())
+
+
 def _truncate_metrics(path: str, last_step: int) -> None:
-    """Drops lines logged after ``last_step`` (steps re-run after a resume are logged again)."""
-    if not os.path.exists(path):
+    """Drops lines logged after ``last_step`` (steps re-run after a resume are logged again);
+    on process 0 only."""
+    from models.distributed import is_primary
+
+    if not is_primary() or not os.path.exists(path):
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
@@ -142,6 +159,10 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 
 def _write_json(path: str, obj: Any) -> None:
+    from models.distributed import is_primary
+
+    if not is_primary():
+        return
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
@@ -162,7 +183,8 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
 
     from metajudge.checkpoint import CheckpointManager
     from metajudge.data import make_dataset
-    from metajudge.train import TrainStep, abstract_train_state, init_train_state
+    from metajudge.train import TrainStep, abstract_train_state, batch_rows, init_train_state
+    from models.distributed import is_primary
     from models.loading import save_hf
 
     check_out_dir(run.out, resume)
@@ -180,9 +202,10 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
     latest = ckpt.latest_step()
     _write_json(os.path.join(run.out, "config.json"), {"kind": kind, "run": config_dict(run), "model": dataclasses.asdict(config)})
 
+    # Every process reads the same global batches and keeps the rows its devices hold.
     it = make_dataset(
         list(examples), batch_size=run.batch_size, seed=train.seed, shuffle=run.shuffle,
-        num_epochs=None if run.train.total_steps > 0 else run.num_epochs,
+        num_epochs=None if run.train.total_steps > 0 else run.num_epochs, rows=batch_rows(mesh, run.batch_size),
     )
     metrics_path = os.path.join(run.out, "metrics.jsonl")
     start = 0
@@ -195,12 +218,12 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
     else:
         state = init_train_state(model, train, mesh)
         _truncate_metrics(metrics_path, 0)
-    step_fn = TrainStep(kind, train, state, mesh)
+    step_fn = TrainStep(kind, train, state, mesh, batch_size=run.batch_size)
     extra = {"kind": kind, "run": config_dict(run), "model": dataclasses.asdict(config)}
 
-    bar = tqdm(total=steps, initial=start, desc=kind, unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=steps, initial=start, desc=kind, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not is_primary())
     try:
-        with open(metrics_path, "a") as mf:
+        with open(metrics_path if is_primary() else os.devnull, "a") as mf:  # one writer on multi-process runs
             for done in range(start + 1, steps + 1):
                 batch = next(it)
                 t0 = time.perf_counter()
@@ -212,8 +235,8 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
                     where = f"step {last} in {ckpt.directory}" if last is not None else "none yet"
                     raise TrainingDiverged(f"{e} Last good checkpoint: {where}.", step=e.step, metrics=e.metrics, state=e.state) from None
                 dt = time.perf_counter() - t0
-                n_tok = _batch_tokens(kind, batch)
-                rec = {"step": done, **m, "tokens": n_tok, "tokens_per_s": n_tok / dt, "step_time_s": dt, "batch_crc": _batch_crc(kind, batch)}
+                n_tok, crc = _global_batch_stats(kind, batch, run.batch_size)
+                rec = {"step": done, **m, "tokens": n_tok, "tokens_per_s": n_tok / dt, "step_time_s": dt, "batch_crc": crc}
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{n_tok / dt:,.0f}")

@@ -14,6 +14,11 @@ and the half-written directory is never listed (and is removed when a manager is
 Restoring takes an abstract train state (``metajudge.train.abstract_train_state``) whose leaves
 carry the target shardings, so a checkpoint written on one mesh loads onto another (a different
 device count included).
+
+Multi-process runs: every process calls ``save`` and ``restore`` (orbax writes and reads each
+process's shards and coordinates the commit), so ``directory`` must be a path every process sees
+(a shared filesystem: NFS, Filestore, a gcsfuse mount). Which steps exist is read by process 0 and
+broadcast, so every process resumes from the same step.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from metajudge.train import TrainState, train_state_shardings
+from models import distributed
 
 
 @dataclasses.dataclass
@@ -70,9 +76,11 @@ class CheckpointManager:
         self._mngr.wait_until_finished()
 
     def all_steps(self) -> list[int]:
-        """Committed steps, oldest first (half-written temporary directories are never listed)."""
+        """Committed steps, oldest first (half-written temporary directories are never listed);
+        process 0's view on every process."""
         self._mngr.reload()
-        return sorted(self._mngr.all_steps())
+        steps = sorted(int(s) for s in self._mngr.all_steps())
+        return [int(s) for s in distributed.broadcast_json(steps if distributed.is_primary() else None)]
 
     def latest_step(self) -> Optional[int]:
         steps = self.all_steps()

@@ -340,6 +340,7 @@ def make_dataset(
     transform: Optional[Callable[[Any], Any]] = None,
     shard_index: Optional[int] = None,
     shard_count: Optional[int] = None,
+    rows: Optional[tuple[int, int]] = None,
     read_options: Optional[grain.ReadOptions] = None,
 ) -> grain.DatasetIterator:
     """Deterministic batches of ``examples`` for this process; returns a resumable grain iterator.
@@ -352,16 +353,29 @@ def make_dataset(
           .map(transform)                              # if given (e.g. lazy tokenization)
           .repeat(num_epochs)                          # None = forever; reshuffled each epoch
           .batch(batch_size, drop_remainder=...)       # dict leaves stacked to [batch, ...]
+          .map(batch[start:stop])                      # if rows=(start, stop) (then no process shard)
           .to_iter_dataset(read_options)
 
     Shards are strided and trimmed to equal size (up to ``shard_count - 1`` trailing examples are
     left out) so every process yields the same number of batches. Batches may span epochs.
+
+    ``rows=(start, stop)`` shards the other way, by rows of a global batch: every process reads
+    the same stream of ``batch_size``-row batches (no process shard) and keeps rows
+    ``start:stop`` of each, the rows its devices hold (``metajudge.train.batch_rows``). The
+    processes' rows together are exactly the batches of a single-process run with the same seed,
+    so a multi-process run trains on the same data in the same order.
 
     Resuming: ``state = it.get_state()`` returns a small JSON-serialisable dict (e.g.
     ``{"next_index": k}``); store it with the checkpoint (``grain.checkpoint.CheckpointSave`` /
     ``CheckpointRestore`` for orbax). Rebuild the iterator with the same arguments and call
     ``it.set_state(state)``: it yields exactly the batches that would have come next.
     """
+    if rows is not None:
+        if shard_index is not None or shard_count is not None:
+            raise ValueError("give either rows (a slice of every global batch) or shard_index/shard_count, not both")
+        if not 0 <= rows[0] < rows[1] <= batch_size:
+            raise ValueError(f"rows {rows} not a non-empty part of a batch of {batch_size}")
+        shard_index, shard_count = 0, 1
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
@@ -375,6 +389,9 @@ def make_dataset(
     if transform is not None:
         ds = ds.map(transform)
     ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
+    if rows is not None and rows != (0, batch_size):
+        start, stop = rows
+        ds = ds.map(lambda batch: jax.tree.map(lambda x: x[start:stop], batch))
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
     return iter(ds.to_iter_dataset(read_options))

@@ -13,6 +13,15 @@ of two configurations.
 Shards must be deterministic functions of their items and their shard index (the callers derive
 their rng from the shard index), so a resumed run produces the same records as an uninterrupted
 one.
+
+Multi-process runs (``models.distributed``): every process runs every shard (the computations are
+SPMD over one global mesh and their outputs are gathered to every process), and only process 0
+writes. What is finished (the manifest, the missing shards) is read by process 0 and broadcast, so
+every process skips the same stages and shards, however late the others' view of the directory
+is. Stored shards are read by every process, so the run directory must be on a filesystem every
+host sees (as orbax checkpoints require anyway). ``write_json_atomic`` / ``write_jsonl_atomic``
+write only on process 0; ``Stage.run`` and ``Stage.finish`` return on every process only once
+process 0 has written, so files written before them can be read after them.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from tqdm.auto import tqdm
+
+from models import distributed
 
 T = TypeVar("T")
 Record = dict[str, Any]
@@ -40,8 +51,14 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON to ``path`` via a temporary file and ``os.replace``."""
+def write_json_atomic(path: str, obj: Any, *, writer: Optional[bool] = None) -> None:
+    """Writes JSON to ``path`` via a temporary file and ``os.replace``.
+
+    ``writer`` (default: process 0 of the run) says whether this process writes; the others
+    return at once, so run outputs have a single writer on multi-process runs.
+    """
+    if not (distributed.is_primary() if writer is None else writer):
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
@@ -51,8 +68,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_jsonl_atomic(path: str, records: Iterable[Record]) -> None:
-    """Writes one JSON object per line via a temporary file and ``os.replace``."""
+def write_jsonl_atomic(path: str, records: Iterable[Record], *, writer: Optional[bool] = None) -> None:
+    """Writes one JSON object per line via a temporary file and ``os.replace`` (on process 0 only,
+    unless ``writer`` says otherwise: see :func:`write_json_atomic`)."""
+    if not (distributed.is_primary() if writer is None else writer):
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
@@ -75,20 +95,27 @@ def read_jsonl(path: str) -> list[Record]:
 
 
 class Stage:
-    """One stage of one iteration, stored in ``directory``."""
+    """One stage of one iteration, stored in ``directory``.
 
-    def __init__(self, directory: str, name: str, *, fingerprint_of: Any = None, writer: bool = True):
+    ``writer`` (default: process 0 of the run) says whether this process writes the stage's files.
+    """
+
+    def __init__(self, directory: str, name: str, *, fingerprint_of: Any = None, writer: Optional[bool] = None):
         self.dir = directory
         self.name = name
         self.fingerprint = fingerprint(fingerprint_of)
-        self.writer = writer  # on multi-host runs only process 0 writes
+        self.writer = distributed.is_primary() if writer is None else writer  # on multi-process runs only process 0 writes
         self.manifest_path = os.path.join(directory, "manifest.json")
 
-    def _manifest(self) -> Optional[dict]:
+    def _read_manifest(self) -> Optional[dict]:
         if not os.path.exists(self.manifest_path):
             return None
         with open(self.manifest_path) as f:
             return json.load(f)
+
+    def _manifest(self) -> Optional[dict]:
+        """The manifest as process 0 sees it, on every process."""
+        return distributed.broadcast_json(self._read_manifest() if distributed.is_primary() else None)
 
     def _check(self, manifest_or_meta: dict) -> None:
         if manifest_or_meta.get("fingerprint") != self.fingerprint:
@@ -109,6 +136,20 @@ class Stage:
     def _shard_path(self, i: int) -> str:
         return os.path.join(self.dir, f"shard_{i:05d}.jsonl")
 
+    def _missing_shards(self, n_shards: int) -> tuple[Optional[dict], list[int]]:
+        """``(stage.json, missing shard indices)`` as process 0 sees them, on every process."""
+
+        def look() -> dict:
+            meta_path = os.path.join(self.dir, "stage.json")
+            meta = None
+            if os.path.exists(meta_path):
+                with open(meta_path) as f:
+                    meta = json.load(f)
+            return {"meta": meta, "todo": [i for i in range(n_shards) if not os.path.exists(self._shard_path(i))]}
+
+        seen = distributed.broadcast_json(look() if distributed.is_primary() else None)
+        return seen["meta"], seen["todo"]
+
     def run(
         self,
         items: Sequence[T],
@@ -121,31 +162,37 @@ class Stage:
         """Runs ``fn(shard_index, shard_items) -> records`` over missing shards; returns all records."""
         if self.done:
             return self.records()
-        os.makedirs(self.dir, exist_ok=True)
-        meta_path = os.path.join(self.dir, "stage.json")
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                self._check(json.load(f))
-        elif self.writer:
-            write_json_atomic(meta_path, {"stage": self.name, "fingerprint": self.fingerprint})
+        if self.writer:
+            os.makedirs(self.dir, exist_ok=True)
         n_shards = max(1, math.ceil(len(items) / shard_size)) if items else 0
-        todo = [i for i in range(n_shards) if not os.path.exists(self._shard_path(i))]
+        meta, todo = self._missing_shards(n_shards)
+        if meta is not None:
+            self._check(meta)
+        else:
+            write_json_atomic(os.path.join(self.dir, "stage.json"), {"stage": self.name, "fingerprint": self.fingerprint},
+                              writer=self.writer)
         t0 = time.time()
+        progress = progress and distributed.is_primary()
         bar = tqdm(total=len(items), desc=desc or self.name, unit="item", disable=not progress, dynamic_ncols=True)
         bar.update(len(items) - sum(len(items[i * shard_size:(i + 1) * shard_size]) for i in todo))
+        computed: dict[int, list[Record]] = {}
         for i in todo:
             chunk = list(items[i * shard_size:(i + 1) * shard_size])
             records = fn(i, chunk)
-            if self.writer:
-                write_jsonl_atomic(self._shard_path(i), records)
+            write_jsonl_atomic(self._shard_path(i), records, writer=self.writer)
+            # What a later run would read back from the shard file (lists, not tuples; plain floats).
+            computed[i] = json.loads(json.dumps(records, default=_jsonable))
             bar.update(len(chunk))
         bar.close()
-        if self.writer:
-            write_json_atomic(self.manifest_path, {
-                "stage": self.name, "fingerprint": self.fingerprint, "n_items": len(items),
-                "n_shards": n_shards, "shard_size": shard_size, "seconds": round(time.time() - t0, 2),
-            })
-        return self.records()
+        write_json_atomic(self.manifest_path, {
+            "stage": self.name, "fingerprint": self.fingerprint, "n_items": len(items),
+            "n_shards": n_shards, "shard_size": shard_size, "seconds": round(time.time() - t0, 2),
+        }, writer=self.writer)
+        distributed.barrier(f"stage {self.dir} written")
+        out: list[Record] = []
+        for i in range(n_shards):
+            out.extend(computed[i] if i in computed else read_jsonl(self._shard_path(i)))
+        return out
 
     def records(self) -> list[Record]:
         """All records of the stage, in shard order."""
@@ -157,12 +204,16 @@ class Stage:
         return out
 
     def finish(self, summary: Optional[dict] = None) -> None:
-        """Marks a stage without shards (e.g. training) as complete, with an optional summary."""
+        """Marks a stage without shards (e.g. training) as complete, with an optional summary.
+
+        On a multi-process run it returns once process 0 has written the manifest (and so every
+        file it wrote before)."""
         if self.writer:
             os.makedirs(self.dir, exist_ok=True)
-            write_json_atomic(self.manifest_path, {
-                "stage": self.name, "fingerprint": self.fingerprint, "n_shards": 0, **(summary or {}),
-            })
+        write_json_atomic(self.manifest_path, {
+            "stage": self.name, "fingerprint": self.fingerprint, "n_shards": 0, **(summary or {}),
+        }, writer=self.writer)
+        distributed.barrier(f"stage {self.dir} finished")
 
     def summary(self) -> dict:
         return self._manifest() or {}

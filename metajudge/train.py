@@ -13,6 +13,11 @@ buffer donation is safe) and the host raises :class:`TrainingDiverged`.
 Reference log-probs for DPO come with the batch (``ref_chosen_logp`` / ``ref_rejected_logp``), so
 no reference model is held in memory; :func:`compute_reference_logps` fills them in once per
 dataset.
+
+On a mesh spanning several processes, batch rows are split over ``("data", "fsdp")`` and each
+process feeds only the rows its devices hold (:func:`batch_rows`; ``TrainStep.put_batch``
+also takes the whole global batch and keeps those rows). Parameters, optimizer state, step and
+rng are global arrays, identical to a single-process run's on the same mesh shape.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metajudge.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
+from models.distributed import process_rows, put_global, put_process_rows, to_host
 from models.sharding import ShardingContext
 
 Array = jax.Array
@@ -198,7 +204,7 @@ def init_train_state(model: nnx.Module, cfg: TrainConfig, mesh: Optional[Mesh] =
     sh = train_state_shardings(abstract, mesh)
     params = jax.jit(copy, out_shardings=sh.params)(params)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
-    return TrainState(params, opt_state, jax.device_put(step, sh.step), jax.device_put(rng, sh.rng), graphdef)
+    return TrainState(params, opt_state, put_global(np.asarray(step), sh.step), put_global(np.asarray(rng), sh.rng), graphdef)
 
 
 def abstract_train_state(model: nnx.Module, cfg: TrainConfig, mesh: Optional[Mesh] = None) -> TrainState:
@@ -309,6 +315,19 @@ def _dpo_update(state: TrainState, batch: Batch, *, cfg: TrainConfig, constrain_
 _STEP_CACHE: dict = {}
 
 
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch rows split over ``("data", "fsdp")``."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def batch_rows(mesh: Optional[Mesh], batch_size: int) -> tuple[int, int]:
+    """``(start, stop)``: the rows of every ``batch_size``-row batch this process feeds to its devices
+    (all of them on a single process)."""
+    if mesh is None:
+        return 0, batch_size
+    return process_rows(batch_sharding(mesh), batch_size)
+
+
 def _jit_update(kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh], batch_sharding) -> Callable:
     update = _sft_update if kind == "sft" else _dpo_update
     if mesh is None:
@@ -330,11 +349,13 @@ class TrainStep:
     the unchanged state) instead of returning.
     """
 
-    def __init__(self, kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None):
+    def __init__(self, kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None,
+                 batch_size: Optional[int] = None):
         if kind not in ("sft", "dpo"):
             raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
         self.kind, self.cfg, self.mesh = kind, cfg, mesh
-        self.batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        self.batch_size = batch_size  # rows per step over all processes (None: whatever each batch has)
+        self.batch_sharding = None if mesh is None else batch_sharding(mesh)
         # One jitted function per (kind, config, mesh, state layout): a later run with the same setup
         # (the next DPO iteration, say) reuses the compiled step instead of compiling it again.
         key = (kind, cfg, mesh, jax.tree.structure(state), tuple(x.shape for x in jax.tree.leaves(state)))
@@ -349,27 +370,40 @@ class TrainStep:
         return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def put_batch(self, batch: Batch) -> Batch:
-        """Numpy batch -> device arrays, rows split over ``("data", "fsdp")``."""
+        """Numpy batch -> device arrays, rows split over ``("data", "fsdp")``.
+
+        On a multi-process mesh ``batch`` is either this process's rows of a ``batch_size``-row
+        global batch (:func:`batch_rows`) or the whole global batch, of which it keeps those rows.
+        """
         batch = {k: v for k, v in batch.items() if k in _batch_keys(self.kind)}
         missing = sorted(set(_batch_keys(self.kind)) - set(batch))
         if missing:
             hint = " (fill them with compute_reference_logps)" if "ref_chosen_logp" in missing else ""
             raise ValueError(f"{self.kind} batch lacks {', '.join(missing)}{hint}")
         rows = len(next(iter(batch.values())))
+        total = self.batch_size or rows
         need = self.data_parallel * self.cfg.grad_accum_steps
-        if rows % need:
+        if total % need:
             raise ValueError(
-                f"batch of {rows} rows does not split into grad_accum_steps={self.cfg.grad_accum_steps} "
+                f"batch of {total} rows does not split into grad_accum_steps={self.cfg.grad_accum_steps} "
                 f"micro-batches over {self.data_parallel} data-parallel devices; use a multiple of {need}"
             )
         if self.batch_sharding is None:
             return jax.device_put(batch)
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+        if self.batch_sharding.is_fully_addressable:
+            return {k: jax.device_put(np.asarray(v), self.batch_sharding) for k, v in batch.items()}
+        start, stop = process_rows(self.batch_sharding, total)
+        if rows == total:
+            batch = {k: np.asarray(v)[start:stop] for k, v in batch.items()}
+        elif rows != stop - start:
+            raise ValueError(f"a batch of {rows} rows is neither the global batch ({total} rows) nor this process's "
+                             f"rows {start}:{stop} of it")
+        return {k: put_process_rows(v, self.batch_sharding, total) for k, v in batch.items()}
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, float]]:
         step = int(state.step)
         state, metrics = self.jitted(state, self.put_batch(batch))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: float(to_host(v)) for k, v in metrics.items()}
         if not metrics.pop("finite"):
             raise TrainingDiverged(
                 f"training diverged at step {step + 1}: loss={metrics['loss']:.6g}, "
@@ -426,7 +460,7 @@ def compute_reference_logps(
     if mesh is not None:
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         batch_size = math.ceil(batch_size / dp) * dp
-        sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        sharding = batch_sharding(mesh)
     score = _pair_scorer(graphdef)
     keys = _batch_keys("dpo")[:-2]
     out: list[dict] = []
@@ -435,8 +469,8 @@ def compute_reference_logps(
         n = len(rows)
         rows += [rows[-1]] * (batch_size - n)
         batch = {k: np.stack([r[k] for r in rows]) for k in keys}
-        batch = jax.device_put(batch, sharding) if sharding is not None else batch
-        logps = np.asarray(jax.device_get(score(params, batch)))[:n]
+        batch = {k: put_global(v, sharding) for k, v in batch.items()} if sharding is not None else batch
+        logps = to_host(score(params, batch))[:n]
         for row, (c, r) in zip(rows[:n], logps):
             out.append(dict(row, ref_chosen_logp=np.float32(c), ref_rejected_logp=np.float32(r)))
     return out

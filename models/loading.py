@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -295,13 +295,26 @@ def load_model(source: str, *, dtype: str = "float32", mesh: Any = None, **confi
 
 
 def save_hf(config: LlamaConfig, model: Llama, directory: str, *, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes an HF-loadable checkpoint (``config.json`` + safetensors shards) atomically."""
-    tmp = directory.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
+    """Writes an HF-loadable checkpoint (``config.json`` + safetensors shards) atomically.
+
+    On a multi-process run every process must call it (parameters sharded over several processes
+    are gathered); process 0 writes, and every process returns once the directory is complete.
+    """
+    from models.distributed import barrier, is_primary, to_host
+
     tensors: dict[str, np.ndarray] = {}
     for path, hf_name, _, to_hf in param_map(config):
-        value = jax.device_get(_variable_at(model, path).value)
-        tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(value, dtype=np.float32)).astype(_np_dtype(config.param_dtype)))
+        value = to_host(_variable_at(model, path).value)
+        if is_primary():
+            tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(value, dtype=np.float32)).astype(_np_dtype(config.param_dtype)))
+    if is_primary():
+        _write_hf(config, tensors, directory, max_shard_bytes)
+    barrier(f"save_hf {directory}")
+
+
+def _write_hf(config: LlamaConfig, tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int) -> None:
+    tmp = directory.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, t in tensors.items():

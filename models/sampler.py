@@ -23,6 +23,10 @@ the same parameters (no copy), with keys cached transposed (``[B, K, H, S]``) so
 products are plain batched matmuls, and the LM head as one ``[D, V]`` matmul. ``score`` uses the
 model's own forward. Tests check the sampler against a plain forward and against Hugging Face.
 
+On a mesh spanning several processes (``models.distributed``) every process calls these functions
+with the same inputs, SPMD: host inputs become global arrays of which each process places only its
+own devices' rows, and the outputs are gathered so that every process returns the same results.
+
 Sampling semantics: temperature 0 is greedy (lowest id among ties). Otherwise logits are divided by
 the temperature, then top-k keeps the ``k`` largest (ties with the k-th kept), then top-p keeps the
 smallest set of most likely tokens whose renormalized mass reaches ``top_p`` (ties kept), and a
@@ -47,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.distributed import put_global, to_host
 from models.llama import Llama, rope_inv_freq
 from models.sharding import ShardingContext, constrain
 
@@ -129,8 +134,23 @@ def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any
 
 
 def _put(ctx: Optional[ShardingContext], x: Any, axes: tuple) -> Array:
-    x = jnp.asarray(x)
-    return x if ctx is None else jax.device_put(x, ctx.sharding(axes, x.shape))
+    """Host data (the same on every process) as an array laid out by ``axes`` on the mesh."""
+    if ctx is None:
+        return jnp.asarray(x)
+    x = np.asarray(x)
+    return put_global(x, ctx.sharding(axes, x.shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _full_fn(shape: tuple, fill: Any, dtype: Any, sharding: Any):
+    return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)
+
+
+def _full(ctx: Optional[ShardingContext], shape: tuple, fill: Any, dtype: Any, axes: tuple) -> Array:
+    """A constant array created in place with its sharding (never whole on one device first)."""
+    if ctx is None:
+        return jnp.full(shape, fill, dtype)
+    return _full_fn(tuple(shape), fill, jnp.dtype(dtype), ctx.sharding(axes, shape))()
 
 
 # ------------------------------------------------------------------------------ decode forward
@@ -488,7 +508,7 @@ def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]],
     for i, p in enumerate(parts):
         tokens[i, : len(p)], seg[i, : len(p)] = p, 1
     positions = np.broadcast_to(first_pos + np.arange(width, dtype=np.int32), (rows, width))
-    start = int(cache.end)
+    start = int(to_host(cache.end))
     last = np.full((rows,), -1, np.int32)
     last[: len(parts)] = start + np.array([len(p) for p in parts]) - 1  # slot of each row's last token
     last = _put(ctx, last, ("batch",))
@@ -510,16 +530,16 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
     shared = shared if shared >= buckets.min_shared_prefix else 0
     head = _prompt_bucket(shared, buckets) if shared else 0
     capacity = bucket(head + _prompt_bucket(max(map(len, prompts)) - shared, buckets) + 1, buckets.min_capacity, buckets.capacity_steps)
-    new_h = lambda rows: _put(ctx, jnp.zeros((rows, c.hidden_size), jnp.dtype(c.dtype)), ("batch", "act_embed"))
+    new_h = lambda rows: _full(ctx, (rows, c.hidden_size), 0, c.dtype, ("batch", "act_embed"))
 
     def new_cache(rows):
         dt, kh, hd, layers = jnp.dtype(c.dtype), c.num_kv_heads, c.head_dim, c.num_layers
-        cache = _DecodeCache(
-            k_bkhs=[jnp.zeros((rows, kh, hd, capacity), dt) for _ in range(layers)],
-            v_bksh=[jnp.zeros((rows, kh, capacity, hd), dt) for _ in range(layers)],
-            pos=jnp.full((rows, capacity), -1, jnp.int32), end=jnp.zeros((), jnp.int32),
+        kt, kv = ("batch", "act_kv_heads", None, "cache_length"), ("batch", "act_kv_heads", "cache_length", None)
+        return _DecodeCache(
+            k_bkhs=[_full(ctx, (rows, kh, hd, capacity), 0, dt, kt) for _ in range(layers)],
+            v_bksh=[_full(ctx, (rows, kh, capacity, hd), 0, dt, kv) for _ in range(layers)],
+            pos=_full(ctx, (rows, capacity), -1, jnp.int32, ("batch", "cache_length")), end=_full(ctx, (), 0, jnp.int32, ()),
         )
-        return cache if ctx is None else jax.tree.map(lambda x, a: _put(ctx, x, a), cache, _cache_axes(cache))
 
     if shared:
         one = _batch_multiple(ctx)
@@ -538,8 +558,18 @@ def _put_rows(ctx: Optional[ShardingContext], rows: _Rows) -> _Rows:
     return _Rows(
         tokens=_put(ctx, rows.tokens, two), logprobs=_put(ctx, rows.logprobs, two), last=_put(ctx, rows.last, one),
         prompt_len=_put(ctx, rows.prompt_len, one), done=_put(ctx, rows.done, one), length=_put(ctx, rows.length, one),
-        keys=jax.device_put(rows.keys, ctx.sharding(one, rows.keys.shape)), n=_put(ctx, rows.n, ()),
+        keys=_put_keys(ctx, rows.keys), n=_put(ctx, rows.n, ()),
     )
+
+
+def _put_keys(ctx: ShardingContext, keys: Array) -> Array:
+    """Per-row PRNG keys laid out over the batch axes (through their raw data on a multi-process mesh)."""
+    sharding = ctx.sharding(("batch",), keys.shape)
+    if sharding.is_fully_addressable:
+        return jax.device_put(keys, sharding)
+    data = np.asarray(jax.random.key_data(keys))
+    raw = put_global(data, ctx.sharding(("batch", None), data.shape))
+    return jax.random.wrap_key_data(raw, impl=jax.random.key_impl(keys))
 
 
 def generate(
@@ -610,16 +640,16 @@ def generate(
     cache, rows = _run("start", _start_fn, (graphdef, mode, expand), (state, head, cache, h_last, _put(ctx, src, ("batch",)), rows, knobs),
                        donate=(5,) if expand else (2, 5), desc=f"{bp} prompts -> {bd} rows, capacity {cache.capacity}, {mode}")
     del h_last
-    while int(rows.n) < max_new_tokens and not bool(jnp.all(rows.done)):
-        if int(cache.end) >= cache.capacity:
+    while int(to_host(rows.n)) < max_new_tokens and not bool(to_host(jnp.all(rows.done))):
+        if int(to_host(cache.end)) >= cache.capacity:
             grown = bucket(cache.capacity + 1, buckets.min_capacity, buckets.capacity_steps)
             cache = _run("grow", _grow_fn, (ctx, grown), (cache,), desc=f"batch {bd}, capacity {cache.capacity} -> {grown}")
         cache, rows = _run("decode", _decode_fn, (graphdef, mode), (state, head, cache, rows, knobs), donate=(2, 3),
                            desc=f"batch {bd}, capacity {cache.capacity}, {nb} new, {mode}")
     del cache
     return (
-        np.asarray(rows.tokens)[:r, :max_new_tokens], np.asarray(rows.length)[:r],
-        np.asarray(rows.logprobs)[:r, :max_new_tokens],
+        to_host(rows.tokens)[:r, :max_new_tokens], to_host(rows.length)[:r],
+        to_host(rows.logprobs)[:r, :max_new_tokens],
     )
 
 
@@ -760,7 +790,7 @@ def score(
         lp, hid = _run("score", _score_fn, (graphdef, (step, rb)), (
             state, _put(ctx, tokens, two), _put(ctx, seg, two), _put(ctx, plen, one), _put(ctx, rlen, one),
         ), desc=f"batch {bb}, length {t}, response {rb}")
-        lp, hid = np.asarray(lp), np.asarray(hid)
+        lp, hid = to_host(lp), to_host(hid)
         for k, i in enumerate(idx):
             per_token[i] = lp[k, : rlen[k]]
             total[i] = lp[k, : rlen[k]].sum(dtype=np.float64)
@@ -813,5 +843,5 @@ def next_token_logprobs(
         lp = _run("next_token", _next_token_fn, (graphdef,), (
             state, _put(ctx, tokens, two), _put(ctx, seg, two), _put(ctx, last, one), cand,
         ), desc=f"batch {bb}, length {t}")
-        out[idx] = np.asarray(lp)[: len(idx)]
+        out[idx] = to_host(lp)[: len(idx)]
     return out

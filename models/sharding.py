@@ -51,9 +51,12 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
     """Builds a ``(data, fsdp, tensor)`` mesh from a spec such as ``"data=2,fsdp=2,tensor=2"``.
 
     Missing axes have size 1; one axis may be ``-1`` to take all remaining devices. With no spec
-    every device goes to ``fsdp``.
+    every device goes to ``fsdp``. On a multi-process run the default devices are all processes'
+    devices, grouped by process, so each process holds one contiguous block of the batch rows.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id)) if jax.process_count() > 1 else jax.devices()
+    devices = list(devices)
     if spec is None:
         sizes = {"data": 1, "fsdp": -1, "tensor": 1}
     elif isinstance(spec, str):
