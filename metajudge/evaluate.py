@@ -282,3 +282,112 @@ def summarize(
         "baseline_avg_length": float(np.mean(np.asarray(baseline_lengths, dtype=np.float64))),
         "n": int(p.size),
     }
+
+
+# ------------------------------------------------------------------ pairwise judging (pure parts)
+
+_VERDICT_P_A = {"a": 1.0, "b": 0.0, "tie": 0.5}
+
+
+def judge_outputs_to_p_a(outputs: Sequence[object]) -> tuple[np.ndarray, list[str]]:
+    """``(p_a, kinds)`` from a pairwise judge's outputs, one per (instruction, A, B).
+
+    An output is either a probability that A is the better answer (a real number in [0, 1],
+    ``kind = "prob"``) or a verdict (``kind = "verdict"``): ``"A"`` -> 1, ``"B"`` -> 0, ``"tie"`` or
+    None -> 0.5 (verdict strings are case-insensitive, surrounding spaces ignored).
+    Example: [0.8, "B", "tie", None] -> p_a [0.8, 0, 0.5, 0.5], kinds [prob, verdict, verdict,
+    verdict]. Anything else (NaN, 1.3, "C", a bool) raises ValueError naming the position.
+    """
+    p_a: list[float] = []
+    kinds: list[str] = []
+    for k, out in enumerate(outputs):
+        if out is None:
+            p_a.append(0.5)
+            kinds.append("verdict")
+        elif isinstance(out, str):
+            key = out.strip().lower()
+            if key not in _VERDICT_P_A:
+                raise ValueError(f"judge output {k} is {out!r}: verdicts must be 'A', 'B' or 'tie'")
+            p_a.append(_VERDICT_P_A[key])
+            kinds.append("verdict")
+        elif isinstance(out, (int, float, np.integer, np.floating)) and not isinstance(out, (bool, np.bool_)):
+            value = float(out)
+            if not 0.0 <= value <= 1.0:  # also rejects NaN
+                raise ValueError(f"judge output {k} is {out!r}: probabilities must lie in [0, 1]")
+            p_a.append(value)
+            kinds.append("prob")
+        else:
+            raise ValueError(
+                f"judge output {k} is {out!r} ({type(out).__name__}): expected a probability in "
+                "[0, 1] or a verdict 'A', 'B' or 'tie'"
+            )
+    return np.asarray(p_a, dtype=np.float64), kinds
+
+
+def both_orders(
+    instructions: Sequence[str], model_answers: Sequence[str], baseline_answers: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """The judge's inputs for every prompt in both orders: ``2n`` ``(instruction, A, B)`` triples.
+
+    Item ``2i`` has the model's answer as A, item ``2i + 1`` the baseline's; pass the judge's
+    P(A) of these items to :func:`preferences_from_both_orders`.
+    """
+    if not len(instructions) == len(model_answers) == len(baseline_answers):
+        raise ValueError(
+            f"{len(instructions)} instructions, {len(model_answers)} model answers and "
+            f"{len(baseline_answers)} baseline answers: need one of each per prompt"
+        )
+    out: list[tuple[str, str, str]] = []
+    for i, m, b in zip(instructions, model_answers, baseline_answers):
+        out += [(i, m, b), (i, b, m)]
+    return out
+
+
+def preferences_from_both_orders(p_a: ArrayLike) -> np.ndarray:
+    """Per-prompt preference for the model from P(A) of the :func:`both_orders` items.
+
+    ``p_a[2i]`` (model is A) and ``p_a[2i + 1]`` (baseline is A) give
+    :func:`order_averaged_preference`: (p_a[2i] + 1 - p_a[2i + 1]) / 2.
+    """
+    p = _preferences(p_a)
+    if p.size % 2:
+        raise ValueError(f"need both orders for every prompt, got an odd number ({p.size}) of judgments")
+    return order_averaged_preference(p[0::2], p[1::2])
+
+
+def select_eval_prompts(
+    candidates: Sequence[dict],
+    train_prompts: Sequence[dict],
+    *,
+    max_prompts: int = 0,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict]]:
+    """``(selected, overlapping)``: the evaluation prompts that were never training prompts.
+
+    A candidate whose normalised text (case-folded, whitespace collapsed) equals a training
+    prompt's is put in ``overlapping`` and never selected; among equal texts only the first
+    candidate is kept. The rest are ordered by a SHA-256 hash of (seed, text), which mixes
+    categories and does not depend on the file order, and the first ``max_prompts`` are
+    selected (all when ``max_prompts`` is 0).
+    """
+    import hashlib
+
+    from metajudge.prompt_sources import normalise_prompt
+
+    if max_prompts < 0:
+        raise ValueError(f"max_prompts must be >= 0 (0 = all), got {max_prompts}")
+    train = {normalise_prompt(p["prompt"]) for p in train_prompts}
+    seen: set[str] = set()
+    kept: list[tuple[str, dict]] = []
+    overlapping: list[dict] = []
+    for p in candidates:
+        key = normalise_prompt(p["prompt"])
+        if key in train:
+            overlapping.append(p)
+        elif key not in seen:
+            seen.add(key)
+            digest = hashlib.sha256(f"eval\x1f{seed}\x1f{key}".encode("utf-8")).hexdigest()
+            kept.append((digest, p))
+    kept.sort(key=lambda x: x[0])
+    selected = [p for _, p in kept]
+    return (selected[:max_prompts] if max_prompts else selected), overlapping

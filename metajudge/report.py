@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -21,6 +21,10 @@ COLUMNS = (
     ("score_gap", "chosen-rejected gap", "{:.2f}"),
     ("dpo_margin", "DPO margin", "{:.3f}"),
     ("dpo_accuracy", "DPO acc", "{:.2f}"),
+    ("hidden_cosine", "chosen/rejected cos", "{:.3f}"),
+    ("initial_grad_norm", "initial grad norm", "{:.3g}"),
+    ("future_chosen", "future chosen", "{:d}"),
+    ("initial_rejected", "initial rejected", "{:d}"),
     ("first_position_win_rate", "meta 1st-pos win", "{:.0%}"),
     ("elo_spread", "Elo spread", "{:.2f}"),
 )
@@ -34,6 +38,8 @@ PLOTS = (
     ("first_position_win_rate", "meta-judge first-position win rate"),
     ("elo_spread", "Elo spread (max - min, mean over prompts)"),
     ("score_hist", "score distribution"),
+    ("hidden_cosine", "cosine of chosen vs rejected hidden states"),
+    ("initial_grad_norm", "DPO gradient norm at the first step"),
 )
 
 
@@ -42,21 +48,30 @@ def _nan_mean(xs: Sequence[float]) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
-def _last_dpo_metrics(dpo_dir: str) -> dict:
+def _dpo_metrics(dpo_dir: str) -> tuple[dict, dict]:
+    """The first and the last step's training metrics (empty dicts when DPO did not run)."""
     path = os.path.join(dpo_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        return {}
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    return rows[-1] if rows else {}
+        return {}, {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return (rows[0], rows[-1]) if rows else ({}, {})
 
 
 def iteration_metrics(
     t: int, generated: list[dict], judged: list[dict], metajudged: Optional[list[dict]], pair_stats: dict, dpo_dir: str
 ) -> dict[str, Any]:
-    """The numbers the report shows for iteration ``t``."""
+    """The numbers the report shows for iteration ``t``.
+
+    Collapse diagnostics, comparable across methods (all on the actor pairs trained on): the
+    mean judge-score gap chosen - rejected, the cosine similarity of their mean last-layer hidden
+    states under M_t (``pair_stats["hidden_cosine"]``), the DPO implicit-reward margin at the last
+    step and the DPO gradient norm at the first step (policy = reference there, so it measures how
+    much signal the pairs carry before any update).
+    """
     lengths = [len(r) for g in generated for r in g["responses"]]
     n_judgments = sum(len(j["scores"]) for j in judged)
-    dpo = _last_dpo_metrics(dpo_dir)
+    first, dpo = _dpo_metrics(dpo_dir)
     means = [j["mean"] for j in judged]
     hist = np.histogram([m for m in means if m is not None and math.isfinite(m)], bins=10, range=(0, 5))[0]
     out = {
@@ -73,9 +88,14 @@ def iteration_metrics(
         "dpo_margin": dpo.get("rewards/margin", float("nan")),
         "dpo_accuracy": dpo.get("rewards/accuracy", float("nan")),
         "dpo_loss": dpo.get("loss", float("nan")),
+        "hidden_cosine": pair_stats.get("hidden_cosine", float("nan")),
+        "initial_grad_norm": first.get("grad_norm", float("nan")),
         "first_position_win_rate": pair_stats.get("first_position_win_rate", float("nan")),
         "elo_spread": pair_stats.get("elo_spread", float("nan")),
     }
+    for key in ("future_chosen", "initial_rejected"):  # temporal anchoring: where pairs came from
+        if key in pair_stats:
+            out[key] = int(pair_stats[key])
     if metajudged is not None:
         battles = [b for x in metajudged for b in x["battles"]]
         out["meta_fallback_rate"] = sum(b["fallback"] for b in battles) / len(battles) if battles else float("nan")
@@ -104,7 +124,7 @@ def _plot(out_dir: str, metrics: Sequence[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
     its = [m["iteration"] for m in metrics]
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    fig, axes = plt.subplots(2, 5, figsize=(22, 8))
     for ax, (key, title) in zip(axes.flat, PLOTS):
         if key == "pairs":
             ax.plot(its, [m["actor_pairs"] for m in metrics], "o-", label="actor")
@@ -140,7 +160,119 @@ def write_report(out_dir: str, metrics: Sequence[dict]) -> str:
     plots = _plot(out_dir, metrics)
     body = ["# Run report", "", markdown_table(metrics), ""]
     body += [f"![metrics]({os.path.basename(p)})" for p in plots]
+    evaluated = [{**m["evaluation"], "iteration": m["iteration"]} for m in metrics if m.get("evaluation")]
+    if evaluated:
+        png = plot_evaluation(os.path.join(out_dir, "evaluation.png"), {"": evaluated})
+        body += ["", "## Held-out evaluation", "", evaluation_note(evaluated), "", evaluation_table(evaluated), "",
+                 f"![evaluation]({os.path.basename(png)})"]
     path = os.path.join(out_dir, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(body) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# ------------------------------------------------------------------ held-out evaluation
+
+
+def _pct(v: Any) -> str:
+    ok = isinstance(v, (int, float)) and math.isfinite(v)
+    return f"{100 * v:.1f}" if ok else "-"
+
+
+def _ci(row: dict) -> str:
+    lo, hi = row.get("ci_low"), row.get("ci_high")
+    return f"[{_pct(lo)}, {_pct(hi)}]" if lo is not None and hi is not None else "-"
+
+
+def _chars(v: Any) -> str:
+    return f"{v:.0f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def _eval_cells(row: dict) -> list[str]:
+    return [str(row.get("iteration", "-")), _pct(row.get("lc_win_rate")), _pct(row.get("win_rate")), _ci(row),
+            _chars(row.get("avg_length")), _chars(row.get("baseline_avg_length")), str(row.get("n", "-"))]
+
+
+_EVAL_HEAD = ["iter", "LC win rate (%)", "win rate (%)", "CI (%)", "length (chars)", "baseline length", "prompts"]
+
+
+def evaluation_note(rows: Sequence[dict]) -> str:
+    """One line naming the judge, the baseline and the CI level of evaluation rows (first row's)."""
+    r = rows[0] if rows else {}
+    conf = r.get("confidence", 0.95)
+    return (f"Model of each iteration against baseline `{r.get('baseline', '?')}`, judged by `{r.get('judge', '?')}` "
+            f"in both orders; CI: {100 * conf:.0f} % bootstrap over prompts; length: mean characters per answer.")
+
+
+def evaluation_table(rows: Sequence[dict]) -> str:
+    """Markdown table of evaluation rows: iteration, LC win rate, win rate, CI, lengths, prompts.
+
+    Rates are shown in percent with one decimal, lengths in characters; missing values as ``-``.
+    """
+    lines = ["| " + " | ".join(_EVAL_HEAD) + " |", "|" + "|".join("---" for _ in _EVAL_HEAD) + "|"]
+    lines += ["| " + " | ".join(_eval_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def comparison_table(runs: Mapping[str, Sequence[dict]]) -> str:
+    """One markdown table with the evaluation rows of several runs, a ``run`` column first."""
+    head = ["run", *_EVAL_HEAD]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, rows in runs.items():
+        lines += ["| " + " | ".join([name, *_eval_cells(r)]) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_evaluation(path: str, runs: Mapping[str, Sequence[dict]]) -> str:
+    """LC win rate (with the raw win rate dashed and its CI shaded) and average length across
+    iterations, one line per run, saved atomically to ``path``; returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_wr, ax_len) = plt.subplots(1, 2, figsize=(11, 4))
+    ticks: set[int] = set()
+    for k, (name, rows) in enumerate(runs.items()):
+        rows = sorted(rows, key=lambda r: r["iteration"])
+        its = [r["iteration"] for r in rows]
+        ticks.update(its)
+        color = f"C{k % 10}"
+        get = lambda key: [100 * r.get(key, float("nan")) for r in rows]
+        label = name or None
+        ax_wr.plot(its, get("lc_win_rate"), "o-", color=color, label=f"{name} LC" if name else "LC win rate")
+        ax_wr.plot(its, get("win_rate"), "s--", color=color, alpha=0.6, label=f"{name} raw" if name else "win rate")
+        ax_wr.fill_between(its, get("ci_low"), get("ci_high"), color=color, alpha=0.12)
+        ax_len.plot(its, [r.get("avg_length", float("nan")) for r in rows], "o-", color=color, label=label or "model")
+    baseline = [r.get("baseline_avg_length") for rows in runs.values() for r in rows if r.get("baseline_avg_length") is not None]
+    if baseline:
+        ax_len.axhline(float(np.mean(baseline)), color="gray", ls=":", label="baseline")
+    ax_wr.axhline(50.0, color="gray", ls=":", lw=0.8)
+    ax_wr.set_title("win rate against the baseline (%)", fontsize=10)
+    ax_len.set_title("average answer length (chars)", fontsize=10)
+    for ax in (ax_wr, ax_len):
+        ax.set_xlabel("iteration")
+        ax.set_xticks(sorted(ticks))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path + ".tmp.png", dpi=80)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def write_evaluation_report(out_dir: str, runs: Mapping[str, Sequence[dict]], *, name: str = "evaluation") -> str:
+    """Writes ``<name>.json``, ``<name>.md`` (table) and ``<name>.png`` (plot) for one run (one
+    key) or several side by side; returns the markdown file's path."""
+    write_json_atomic(os.path.join(out_dir, f"{name}.json"), {k: list(v) for k, v in runs.items()})
+    png = plot_evaluation(os.path.join(out_dir, f"{name}.png"), runs)
+    rows = [r for v in runs.values() for r in v]
+    table = evaluation_table(rows) if len(runs) == 1 else comparison_table(runs)
+    title = "Held-out evaluation" if len(runs) == 1 else "Held-out evaluation: " + ", ".join(runs)
+    body = [f"# {title}", "", evaluation_note(rows), "", table, "", f"![{name}]({os.path.basename(png)})"]
+    path = os.path.join(out_dir, f"{name}.md")
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(body) + "\n")
     os.replace(path + ".tmp", path)

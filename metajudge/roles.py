@@ -167,3 +167,53 @@ def shard_rng(seed: int, *parts: int) -> jax.Array:
     for p in parts:
         key = jax.random.fold_in(key, p)
     return key
+
+
+# ------------------------------------------------------------------ pairwise evaluation judge
+
+PairwiseReadout = Literal["logprob", "verdict"]
+PAIRWISE_PREFIX = "Winner:"
+
+
+def pairwise_judge(
+    model,
+    tokenizer,
+    items: Sequence[tuple[str, str, str]],
+    *,
+    readout: PairwiseReadout = "logprob",
+    s: Optional[Sampling] = None,
+    rng=None,
+    template: Optional[str] = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """P(reply A is better) for each ``(instruction, answer_a, answer_b)``, in input order.
+
+    ``readout="logprob"``: the judge's reply is forced to start with ``Winner:`` and
+    ``p_a = p(A) / (p(A) + p(B))`` over its next-token probabilities (no text is generated;
+    ``kind="prob"``). ``readout="verdict"``: the judge writes its reply with sampling ``s`` (one
+    sample; greedy when ``s`` is None) and the last ``Winner:`` line decides: ``p_a`` = 1 for A,
+    0 for B, 0.5 when it does not parse (``kind="verdict"``, ``verdict`` None). Each record is
+    ``{"p_a", "kind", "verdict", "text"}``.
+    """
+    from metajudge.prompts import DEFAULT_PAIRWISE_TEMPLATE, pairwise_prompt
+
+    if readout not in ("logprob", "verdict"):
+        raise ValueError(f"readout={readout!r}: expected 'logprob' or 'verdict'")
+    if not items:
+        return []
+    prompts = [pairwise_prompt(i, a, b, template or DEFAULT_PAIRWISE_TEMPLATE) for i, a, b in items]
+    if readout == "logprob":
+        append, ids = _forced_readout(tokenizer, PAIRWISE_PREFIX, ("A", "B"))
+        seqs = [tokenizer.apply_chat_template(_user(p)) + tokenizer.encode(append) for p in prompts]
+        logp = next_token_logprobs(model, seqs, list(ids), batch_size=batch_size)
+        d = logp[:, 0].astype(np.float64) - logp[:, 1]
+        p_a = 0.5 * (1.0 + np.tanh(0.5 * d))  # p(A) / (p(A) + p(B)) = σ(log p(A) - log p(B))
+        return [{"p_a": float(p), "kind": "prob", "verdict": None, "text": None} for p in p_a]
+    s = dataclasses.replace(s or Sampling(temperature=0.0, top_p=1.0, max_new_tokens=64), n=1)
+    texts = [row[0] for row in _generate(model, tokenizer, prompts, s, rng, batch_size, progress)]
+    out = []
+    for t in texts:
+        w = parse_winner(t)
+        out.append({"p_a": {"A": 1.0, "B": 0.0, None: 0.5}[w], "kind": "verdict", "verdict": w, "text": t})
+    return out

@@ -250,3 +250,121 @@ def test_summarize_hand_example():
     assert row["avg_length"] == 250.0 and row["baseline_avg_length"] == 100.0 and row["n"] == 4
     assert 0.0 <= row["ci_low"] <= 0.625 <= row["ci_high"] <= 1.0
     assert 0.0 <= row["lc_win_rate"] <= 1.0
+
+
+# ---------------------------------------------------------------- pairwise judging (pure parts)
+
+from metajudge.evaluate import (  # noqa: E402
+    both_orders,
+    judge_outputs_to_p_a,
+    preferences_from_both_orders,
+    select_eval_prompts,
+)
+from metajudge.prompt_sources import iteration_prompts, load_seed_prompts, normalise_prompt, split_prompts  # noqa: E402
+
+
+def test_judge_outputs_hand_example():
+    p_a, kinds = judge_outputs_to_p_a([0.8, "B", " tie ", None, "a", 1, np.float32(0.25)])
+    assert p_a.tolist() == [0.8, 0.0, 0.5, 0.5, 1.0, 1.0, 0.25]
+    assert kinds == ["prob", "verdict", "verdict", "verdict", "verdict", "prob", "prob"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, 1.3, -0.1, "C", "", True, [0.5], {"A": 1}])
+def test_judge_outputs_reject_anything_else_and_name_the_position(bad):
+    with pytest.raises(ValueError, match="judge output 1"):
+        judge_outputs_to_p_a(["A", bad])
+
+
+def test_both_orders_layout_and_preferences_hand_example():
+    triples = both_orders(["q1", "q2"], ["m1", "m2"], ["b1", "b2"])
+    assert triples == [("q1", "m1", "b1"), ("q1", "b1", "m1"), ("q2", "m2", "b2"), ("q2", "b2", "m2")]
+    # q1: model-first P(A) 0.9, baseline-first 0.3 -> (0.9 + 0.7) / 2 = 0.8
+    # q2: model-first 0.2 ("B"), baseline-first 1.0 ("A")  -> (0.2 + 0.0) / 2 = 0.1
+    assert preferences_from_both_orders([0.9, 0.3, 0.2, 1.0]) == pytest.approx([0.8, 0.1])
+    with pytest.raises(ValueError):
+        both_orders(["q1"], ["m1", "m2"], ["b1"])
+    with pytest.raises(ValueError):
+        preferences_from_both_orders([0.5, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("p_first_position", [0.0, 0.3, 0.9, 1.0])
+def test_order_swapping_removes_a_pure_position_bias_end_to_end(p_first_position):
+    # a judge that ignores content: P(A) is the same number whatever it is shown
+    rng = np.random.default_rng(0)
+    answers_m = ["x" * k for k in rng.integers(1, 50, 40)]
+    answers_b = ["y" * k for k in rng.integers(1, 50, 40)]
+    triples = both_orders([f"q{i}" for i in range(40)], answers_m, answers_b)
+    p_a, _ = judge_outputs_to_p_a([p_first_position] * len(triples))
+    pref = preferences_from_both_orders(p_a)
+    assert pref.tolist() == [0.5] * 40
+    assert win_rate(pref, n_boot=100) == (0.5, 0.5, 0.5)
+    assert lc_win_rate(pref, [len(a) for a in answers_m], [len(b) for b in answers_b]) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_order_swapping_recovers_a_content_judge_under_a_position_bias():
+    # the judge prefers the longer answer, then adds 0.2 to whatever is in position A (capped);
+    # (0.5 ± 0.3 + 0.2 stays within [0, 1]): order averaging gives back 0.8 / 0.2 / 0.5 exactly
+    def judge(a, b):
+        base = 0.5 + 0.3 * np.sign(len(a) - len(b))
+        return min(1.0, base + 0.2)
+
+    ms, bs = ["aaaa", "a", "aa"], ["bb", "bbb", "bb"]
+    triples = both_orders(["q"] * 3, ms, bs)
+    pref = preferences_from_both_orders([judge(a, b) for _, a, b in triples])
+    assert pref == pytest.approx([0.8, 0.2, 0.5])
+
+
+def test_ci_covers_the_true_rate_with_a_position_biased_soft_judge():
+    # per-prompt true preference π_i ~ Beta(3, 2) (population win rate 0.6); the judge reports
+    # π + 0.1 in position A and noise: order averaging removes the bias, the bootstrap CI of the
+    # order-averaged preferences covers 0.6 in about 95 % of 200 simulated evaluations
+    rng = np.random.default_rng(7)
+    covered = 0
+    for k in range(200):
+        pi = rng.beta(3.0, 2.0, 120)
+        first = np.clip(pi + 0.1 + rng.normal(0, 0.05, 120), 0, 1)
+        second = np.clip(1 - pi + 0.1 + rng.normal(0, 0.05, 120), 0, 1)
+        p_a = np.empty(240)
+        p_a[0::2], p_a[1::2] = first, second
+        _, lo, hi = win_rate(preferences_from_both_orders(p_a), n_boot=400, seed=k)
+        covered += lo <= 0.6 <= hi
+    assert 180 <= covered <= 198  # 90 % .. 99 %
+
+
+# ---------------------------------------------------------------- held-out prompt selection
+
+
+def test_heldout_selection_never_overlaps_the_prompts_of_any_training_iteration():
+    pool = load_seed_prompts()
+    train, heldout = split_prompts(pool, heldout_fraction=0.1, seed=3)
+    used = set()
+    for t in range(1, len(train) // 16 + 3):  # every disjoint iteration and two re-using ones
+        used |= {normalise_prompt(p["prompt"]) for p in iteration_prompts(train, t, 16, seed=3)}
+    selected, overlapping = select_eval_prompts(heldout, train, seed=3)
+    assert overlapping == [] and len(selected) == len({normalise_prompt(p["prompt"]) for p in heldout})
+    assert not {normalise_prompt(p["prompt"]) for p in selected} & used
+    assert not {normalise_prompt(p["prompt"]) for p in selected} & {normalise_prompt(p["prompt"]) for p in train}
+
+
+def test_selection_drops_training_prompts_and_duplicates_whatever_their_case_or_spacing():
+    train = [{"id": "t1", "prompt": "Name a prime number."}, {"id": "t2", "prompt": "Say hi."}]
+    candidates = [
+        {"id": "c1", "prompt": "  name a PRIME   number. "},  # = t1 once normalised
+        {"id": "c2", "prompt": "Explain rain."},
+        {"id": "c3", "prompt": "explain  rain."},  # duplicate of c2
+        {"id": "c4", "prompt": "Count to three."},
+    ]
+    selected, overlapping = select_eval_prompts(candidates, train)
+    assert [p["id"] for p in overlapping] == ["c1"]
+    assert sorted(p["id"] for p in selected) == ["c2", "c4"]
+
+
+def test_selection_cap_is_a_seeded_choice_independent_of_the_input_order():
+    pool = load_seed_prompts()[:200]
+    a, _ = select_eval_prompts(pool, [], max_prompts=10, seed=1)
+    b, _ = select_eval_prompts(pool[::-1], [], max_prompts=10, seed=1)
+    c, _ = select_eval_prompts(pool, [], max_prompts=10, seed=2)
+    assert len(a) == 10 and [p["id"] for p in a] == [p["id"] for p in b]
+    assert {p["id"] for p in a} != {p["id"] for p in c}
+    with pytest.raises(ValueError):
+        select_eval_prompts(pool, [], max_prompts=-1)
