@@ -10,7 +10,6 @@ run restarts where it stopped and ends with the same pairs as an uninterrupted o
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 
 from experiments.cli import UsageError, config_dict
 from experiments.dpo import DPORunConfig, run_dpo
+from experiments.evaluate import EvalConfig, evaluate_iteration
 from experiments.sft import tiny_config
 from metajudge import meta_judge as mj
 from metajudge.judge import highest_variance_index
@@ -28,8 +28,10 @@ from metajudge.pairs import select_actor_pair
 from metajudge.prompt_sources import iteration_prompts, load_prompts_jsonl, load_seed_prompts, split_prompts
 from metajudge.report import iteration_metrics, write_report
 from metajudge.roles import Sampling, act, judge, meta_judge, shard_rng
-from metajudge.stages import Stage, write_json_atomic, write_jsonl_atomic
+from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_atomic
+from metajudge.temporal import anchored_pair, future_guided_chosen
 from metajudge.train import TrainConfig
+from models import distributed
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,21 @@ class LoopConfig:
     readout: Literal["parse", "expected"] = "parse"
     rho: tuple[float, ...] = (0.0,)  # length-control ρ per iteration (the last value repeats)
     judge_pair_iterations: tuple[int, ...] = (1, 2)
+    # Temporal anchoring (METHODS.md): rejected responses anchored to the initial model M_0 and
+    # chosen responses from a temporary future model M_f = DPO(M_t, anchored pairs). With
+    # method=self_reward this is Temporal Self-Rewarding; with meta_reward, the combination.
+    temporal: bool = False
+    future_dpo: Optional[DPORunConfig] = None  # how M_f is trained; default: the `dpo` settings
     judgment_max_chars: int = 1500  # chosen judgments longer than this are dropped
     gen_batch_size: int = 64
     prompts_per_shard: int = 8
     dpo: DPORunConfig = DPORunConfig(max_len=768, batch_size=8, num_epochs=1, save_every=50,
                                      train=TrainConfig(learning_rate=1e-6, beta=0.1, warmup_steps=2))
+    evaluate: EvalConfig = EvalConfig()  # held-out win rates of M_{t+1} against the seed (experiments/evaluate.py)
+
+    def group_default(self, name: str) -> Any:
+        """What an unset optional group of settings means (``--set future_dpo.x=...`` starts here)."""
+        return self.dpo if name == "future_dpo" else None
 
     def rho_at(self, t: int) -> float:
         return self.rho[min(t, len(self.rho)) - 1]
@@ -72,7 +84,8 @@ class LoopConfig:
 def _load(cfg: LoopConfig, source: str, mesh: Any):
     import models
 
-    tok = models.load_tokenizer(cfg.tokenizer or (models.EMBEDDED_NAME if source == TINY_MODEL else source))
+    # Every iteration uses the starting model's tokenizer: saved iterations hold weights only.
+    tok = models.load_tokenizer(cfg.tokenizer or (models.EMBEDDED_NAME if cfg.model == TINY_MODEL else cfg.model))
     if source == TINY_MODEL:
         config = tiny_config(tok, cfg.dtype)
         return config, models.create_model(config, seed=cfg.seed, mesh=mesh), tok
@@ -97,31 +110,54 @@ def _prompts(cfg: LoopConfig, out: str) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
-def _generate_stage(cfg, it_dir, t, prompts, model, tok, base_fp):
-    stage = Stage(os.path.join(it_dir, "generate"), "generate",
+class _Lazy:
+    """A model made on first use (M_0 or the future model), so finished stages never build it."""
+
+    def __init__(self, make: Any):
+        self._make, self._model = make, None
+
+    def get(self) -> Any:
+        if self._model is None:
+            self._model = self._make()
+        return self._model
+
+
+def _model_of(model: Any) -> Any:
+    return model.get() if isinstance(model, _Lazy) else model
+
+
+# Stream ids of the rng: one per sampling stage, so no two stages share random numbers.
+_STREAMS = {"generate": 1, "judge": 2, "meta_judge": 3, "initial/generate": 4, "initial/judge": 5,
+            "future/generate": 6, "future/judge": 7}
+
+
+def _generate_stage(cfg, it_dir, t, prompts, model, tok, base_fp, name="generate"):
+    """``cfg.actor.n`` responses per prompt from ``model``, in ``<it_dir>/<name>/``."""
+    stage = Stage(os.path.join(it_dir, name), name,
                   fingerprint_of={**base_fp, "actor": dataclasses.asdict(cfg.actor), "ids": [p["id"] for p in prompts]})
 
     def shard(i, chunk):
-        outs = act(model, tok, [p["prompt"] for p in chunk], cfg.actor, rng=shard_rng(cfg.seed, t, 1, i),
+        outs = act(_model_of(model), tok, [p["prompt"] for p in chunk], cfg.actor, rng=shard_rng(cfg.seed, t, _STREAMS[name], i),
                    batch_size=cfg.gen_batch_size)
         return [{"id": p["id"], "prompt": p["prompt"], "responses": r} for p, r in zip(chunk, outs)]
 
-    return stage.run(prompts, shard, shard_size=cfg.prompts_per_shard, desc=f"iter {t}: generate")
+    return stage.run(prompts, shard, shard_size=cfg.prompts_per_shard, desc=f"iter {t}: {name}")
 
 
-def _judge_stage(cfg, it_dir, t, generated, model, tok, base_fp):
+def _judge_stage(cfg, it_dir, t, generated, model, tok, base_fp, name="judge"):
+    """``cfg.judge.n`` judgments of every generated response by ``model`` (the current M_t)."""
     items = [(g["id"], g["prompt"], k, r) for g in generated for k, r in enumerate(g["responses"])]
-    stage = Stage(os.path.join(it_dir, "judge"), "judge",
+    stage = Stage(os.path.join(it_dir, name), name,
                   fingerprint_of={**base_fp, "judge": dataclasses.asdict(cfg.judge), "readout": cfg.readout,
                                   "n": len(items)})
 
     def shard(i, chunk):
-        res = judge(model, tok, [(p, r) for _, p, _, r in chunk], cfg.judge, rng=shard_rng(cfg.seed, t, 2, i),
+        res = judge(model, tok, [(p, r) for _, p, _, r in chunk], cfg.judge, rng=shard_rng(cfg.seed, t, _STREAMS[name], i),
                     readout=cfg.readout, batch_size=cfg.gen_batch_size)
         return [{"id": pid, "response_index": k, **r} for (pid, _, k, _), r in zip(chunk, res)]
 
     shard_size = cfg.prompts_per_shard * max(1, cfg.actor.n)
-    return stage.run(items, shard, shard_size=shard_size, desc=f"iter {t}: judge")
+    return stage.run(items, shard, shard_size=shard_size, desc=f"iter {t}: {name}")
 
 
 def _by_prompt(judged: list[dict]) -> dict[str, list[dict]]:
@@ -162,45 +198,164 @@ def _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp):
     return stage.run(targets, shard, shard_size=cfg.prompts_per_shard, desc=f"iter {t}: meta-judge")
 
 
-def build_pairs(cfg: LoopConfig, t: int, generated: list[dict], judged: list[dict], metajudged: Optional[list[dict]]) -> tuple[list[dict], dict]:
-    """Actor pairs (length-controlled) and judge pairs (Elo over meta-judge battles) as DPO records."""
-    from metajudge.prompts import judge_prompt
+def _actor_record(g: dict, chosen: str, rejected: str, s_c: float, s_r: float, **extra: Any) -> dict:
+    return {"kind": "actor", "id": g["id"], "prompt": g["prompt"], "chosen": chosen, "rejected": rejected,
+            "chosen_score": float(s_c), "rejected_score": float(s_r), **extra}
 
+
+def actor_pairs(cfg: LoopConfig, t: int, generated: list[dict], judged: list[dict]) -> list[dict]:
+    """Self-/Meta-Rewarding actor pairs: best vs worst mean score with length control ``rho_at(t)``."""
     by_prompt = _by_prompt(judged)
-    pairs, gaps = [], []
+    pairs = []
     for g in generated:
-        rows = by_prompt[g["id"]]
-        scores = [r["mean"] for r in rows]
-        lengths = [len(x) for x in g["responses"]]
-        sel = select_actor_pair(scores, lengths, cfg.rho_at(t))
+        scores = [r["mean"] for r in by_prompt[g["id"]]]
+        sel = select_actor_pair(scores, [len(x) for x in g["responses"]], cfg.rho_at(t))
         if sel is not None:
             c, r = sel
-            pairs.append({"kind": "actor", "id": g["id"], "prompt": g["prompt"], "chosen": g["responses"][c],
-                          "rejected": g["responses"][r], "chosen_score": scores[c], "rejected_score": scores[r]})
-            gaps.append(scores[c] - scores[r])
+            pairs.append(_actor_record(g, g["responses"][c], g["responses"][r], scores[c], scores[r]))
+    return pairs
+
+
+def anchored_pairs(generated: list[dict], judged: list[dict], initial_generated: Optional[list[dict]],
+                   initial_judged: Optional[list[dict]]) -> list[dict]:
+    """D1 of Temporal Self-Rewarding: M_t's best vs the lower of M_0's worst and M_t's worst.
+
+    All scores are M_t's judgments. Without initial responses (iteration 1, where M_0 = M_t) the
+    rejected is M_t's worst. Records carry ``rejected_source`` ("initial" or "current").
+    """
+    by_prompt = _by_prompt(judged)
+    init_gen = {g["id"]: g for g in initial_generated or []}
+    init_scores = {pid: [r["mean"] for r in rows] for pid, rows in _by_prompt(initial_judged or []).items()}
+    pairs = []
+    for g in generated:
+        scores = [r["mean"] for r in by_prompt[g["id"]]]
+        initial = init_scores.get(g["id"], [])
+        sel = anchored_pair(scores, initial)
+        if sel is None:
+            continue
+        c, source, r = sel
+        rejected, s_r = ((init_gen[g["id"]]["responses"][r], initial[r]) if source == "initial"
+                         else (g["responses"][r], scores[r]))
+        pairs.append(_actor_record(g, g["responses"][c], rejected, scores[c], s_r,
+                                   chosen_source="current", rejected_source=source))
+    return pairs
+
+
+def future_guided_pairs(anchored: list[dict], future_generated: list[dict], future_judged: list[dict]) -> list[dict]:
+    """D2 of Temporal Self-Rewarding: the future model's best replaces an anchored pair's chosen
+    response when M_t scores it strictly higher; the rejected is kept; ties are dropped."""
+    fut_gen = {g["id"]: g for g in future_generated}
+    fut_scores = {pid: [r["mean"] for r in rows] for pid, rows in _by_prompt(future_judged).items()}
+    pairs = []
+    for p in anchored:
+        sel = future_guided_chosen(p["chosen_score"], p["rejected_score"], fut_scores.get(p["id"], []))
+        if sel is None:
+            continue
+        source, i = sel
+        if source == "future":
+            p = dict(p, chosen=fut_gen[p["id"]]["responses"][i], chosen_score=float(fut_scores[p["id"]][i]),
+                     chosen_source="future")
+        pairs.append(p)
+    return pairs
+
+
+def judge_pairs(cfg: LoopConfig, metajudged: list[dict]) -> tuple[list[dict], dict]:
+    """Meta-Rewarding judge pairs: Elo over the position-weighted meta-judge battles."""
+    from metajudge.prompts import judge_prompt
+
+    verdicts = [b["verdict"] for x in metajudged for b in x["battles"]]
+    w1, w2 = mj.positional_weights(verdicts)
+    pairs, spreads = [], []
+    for x in metajudged:
+        n = len(x["judgments"])
+        r = mj.results_matrix(n, {(b["first"], b["second"]): b["verdict"] for b in x["battles"]})
+        elo = mj.elo_scores(mj.battle_matrix(r, w1, w2))
+        spreads.append(float(elo.max() - elo.min()))
+        sel = mj.judge_pair(elo, [len(j) for j in x["judgments"]], cfg.judgment_max_chars)
+        if sel is not None:
+            c, rj = sel
+            pairs.append({"kind": "judge", "id": x["id"], "prompt": judge_prompt(x["prompt"], x["response"]),
+                          "chosen": x["judgments"][c], "rejected": x["judgments"][rj]})
+    decisive = sum(v != 0 for v in verdicts)
+    stats = {"judge_pairs": len(pairs), "position_weights": [w1, w2],
+             "elo_spread": float(np.mean(spreads)) if spreads else float("nan"),
+             "first_position_win_rate": (sum(v == 1 for v in verdicts) / decisive) if decisive else float("nan")}
+    return pairs, stats
+
+
+def build_pairs(cfg: LoopConfig, t: int, generated: list[dict], judged: list[dict], metajudged: Optional[list[dict]],
+                actor: Optional[list[dict]] = None) -> tuple[list[dict], dict]:
+    """Actor pairs (``actor`` when given, e.g. temporally anchored ones; else length-controlled
+    best vs worst) and judge pairs (Elo over meta-judge battles) as DPO records, with statistics."""
+    pairs = actor if actor is not None else actor_pairs(cfg, t, generated, judged)
+    gaps = [p["chosen_score"] - p["rejected_score"] for p in pairs]
     stats: dict[str, Any] = {"actor_pairs": len(pairs), "score_gap": float(np.mean(gaps)) if gaps else float("nan")}
+    if actor is not None:
+        stats["future_chosen"] = sum(p.get("chosen_source") == "future" for p in pairs)
+        stats["initial_rejected"] = sum(p.get("rejected_source") == "initial" for p in pairs)
     if metajudged:
-        verdicts = [b["verdict"] for x in metajudged for b in x["battles"]]
-        w1, w2 = mj.positional_weights(verdicts)
-        n_judge, spreads = 0, []
-        for x in metajudged:
-            n = len(x["judgments"])
-            r = mj.results_matrix(n, {(b["first"], b["second"]): b["verdict"] for b in x["battles"]})
-            elo = mj.elo_scores(mj.battle_matrix(r, w1, w2))
-            spreads.append(float(elo.max() - elo.min()))
-            sel = mj.judge_pair(elo, [len(j) for j in x["judgments"]], cfg.judgment_max_chars)
-            if sel is not None:
-                c, rj = sel
-                pairs.append({"kind": "judge", "id": x["id"], "prompt": judge_prompt(x["prompt"], x["response"]),
-                              "chosen": x["judgments"][c], "rejected": x["judgments"][rj]})
-                n_judge += 1
-        decisive = sum(v != 0 for v in verdicts)
-        stats.update(judge_pairs=n_judge, position_weights=[w1, w2], elo_spread=float(np.mean(spreads)) if spreads else float("nan"),
-                     first_position_win_rate=(sum(v == 1 for v in verdicts) / decisive) if decisive else float("nan"))
+        jp, js = judge_pairs(cfg, metajudged)
+        pairs = pairs + jp
+        stats.update(js)
     return pairs, stats
 
 
 # --------------------------------------------------------------------------------------- loop
+
+
+def hidden_cosine(model: Any, tok: Any, pairs: list[dict], batch_size: int = 16) -> float:
+    """Mean cosine similarity of chosen vs rejected responses' mean last-layer hidden states under
+    ``model`` (actor pairs only): the representation-collapse diagnostic of METHODS.md."""
+    from models.sampler import score
+
+    actor = [p for p in pairs if p["kind"] == "actor"]
+    if not actor:
+        return float("nan")
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in actor]
+    hid = {}
+    for side in ("chosen", "rejected"):
+        responses = [tok.encode(p[side]) or [tok.eos_token_ids[0]] for p in actor]
+        hid[side] = score(model, prompts, responses, return_hidden=True, batch_size=batch_size).hidden.astype(np.float64)
+    c, r = hid["chosen"], hid["rejected"]
+    cos = (c * r).sum(1) / np.maximum(np.linalg.norm(c, axis=1) * np.linalg.norm(r, axis=1), 1e-12)
+    return float(cos.mean())
+
+
+def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model, config, tok, base_fp, mesh) -> list[dict]:
+    """Stages ``initial/*`` (M_0 samples, M_t judges), ``future/*`` (M_f = DPO(M_t, D1) samples,
+    M_t judges; M_f's weights are deleted afterwards) and returns D2, the future-guided pairs."""
+    import shutil
+
+    initial_gen = initial_judged = None
+    if t > 1:  # at t = 1, M_0 is the current model: its responses are `generated`
+        m0 = _Lazy(lambda: _load(cfg, cfg.model, mesh)[1])  # M_0 is loaded only if it has to sample
+        initial_gen = _generate_stage(cfg, it_dir, t, prompts, m0, tok, {**base_fp, "initial_model": cfg.model},
+                                      name="initial/generate")
+        del m0
+        initial_judged = _judge_stage(cfg, it_dir, t, initial_gen, model, tok, base_fp, name="initial/judge")
+    fut_dir = os.path.join(it_dir, "future")
+    d1_stage = Stage(os.path.join(fut_dir, "anchored"), "future/anchored", fingerprint_of=base_fp)
+    d1_path = os.path.join(d1_stage.dir, "pairs.jsonl")
+    if not d1_stage.done:
+        d1 = anchored_pairs(generated, judged, initial_gen, initial_judged)
+        write_jsonl_atomic(d1_path, d1)
+        d1_stage.finish({"pairs": len(d1), "initial_rejected": sum(p["rejected_source"] == "initial" for p in d1)})
+    d1 = read_jsonl(d1_path)
+    if not d1:
+        print(f"iter {t}: no anchored pairs; no future model is trained", file=sys.stderr)
+        return []
+    future_prompts = [p for p in prompts if p["id"] in {x["id"] for x in d1}]
+    fut_cfg = cfg.future_dpo or cfg.dpo
+    fut_fp = {**base_fp, "future_dpo": config_dict(fut_cfg)}
+    # M_f is trained (or restored from its checkpoint after a kill) only if it still has to sample.
+    future = _Lazy(lambda: run_dpo(model, config, tok, d1_path, os.path.join(fut_dir, "dpo"),
+                                   dataclasses.replace(fut_cfg, export=False), resume=True, mesh=mesh))
+    future_gen = _generate_stage(cfg, it_dir, t, future_prompts, future, tok, fut_fp, name="future/generate")
+    del future
+    if distributed.is_primary():  # M_f is discarded (its samples are all that is kept)
+        shutil.rmtree(os.path.join(fut_dir, "dpo", "checkpoints"), ignore_errors=True)
+    future_judged = _judge_stage(cfg, it_dir, t, future_gen, model, tok, base_fp, name="future/judge")
+    return future_guided_pairs(d1, future_gen, future_judged)
 
 
 def run_loop(cfg: LoopConfig, out: str) -> dict:
@@ -209,6 +364,7 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
 
     if cfg.method not in ("meta_reward", "self_reward"):
         raise UsageError(f"method={cfg.method!r}: expected meta_reward or self_reward")
+    distributed.check_same([config_dict(cfg), out], "the loop settings and --out")
     os.makedirs(out, exist_ok=True)
     write_json_atomic(os.path.join(out, "config.json"), config_dict(cfg))
     mesh = resolve_mesh(cfg.mesh)
@@ -226,27 +382,40 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
         metajudged = None
         if cfg.method == "meta_reward" and t in cfg.judge_pair_iterations:
             metajudged = _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp)
-        pairs_stage = Stage(os.path.join(it_dir, "pairs"), "pairs", fingerprint_of=base_fp)
+        pairs_fp = {**base_fp, "temporal": cfg.temporal}
+        pairs_stage = Stage(os.path.join(it_dir, "pairs"), "pairs", fingerprint_of=pairs_fp)
         pairs_path = os.path.join(pairs_stage.dir, "pairs.jsonl")
         if not pairs_stage.done:
-            pairs, pair_stats = build_pairs(cfg, t, generated, judged, metajudged)
+            actor = None
+            if cfg.temporal:
+                actor = _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model, config, tok,
+                                              base_fp, mesh)
+            pairs, pair_stats = build_pairs(cfg, t, generated, judged, metajudged, actor=actor)
+            pair_stats["hidden_cosine"] = hidden_cosine(model, tok, pairs)
             write_jsonl_atomic(pairs_path, pairs)
             pairs_stage.finish(pair_stats)
         pair_stats = pairs_stage.summary()
         dpo_dir = os.path.join(it_dir, "dpo")
         dpo_stage = Stage(dpo_dir, "dpo", fingerprint_of={**base_fp, "dpo": config_dict(cfg.dpo)})
+        new_model = None  # M_{t+1} when this call trains it; else the evaluation loads it if needed
         if not dpo_stage.done:
             if pair_stats.get("actor_pairs", 0) + pair_stats.get("judge_pairs", 0) == 0:
                 import models
 
                 print(f"iter {t}: no preference pairs; the model is carried over unchanged", file=sys.stderr)
                 models.save_hf(config, model, os.path.join(dpo_dir, "model"))
+                new_model = model
             else:
-                run_dpo(model, config, tok, pairs_path, dpo_dir, cfg.dpo, resume=True, mesh=mesh)
+                new_model = run_dpo(model, config, tok, pairs_path, dpo_dir, cfg.dpo, resume=True, mesh=mesh)
             dpo_stage.finish({"seconds": round(time.time() - t0, 1)})
         metrics = iteration_metrics(t, generated, judged, metajudged, pair_stats, dpo_dir)
+        if cfg.evaluate.enabled:
+            metrics["evaluation"] = evaluate_iteration(out, t, cfg.evaluate, run=cfg, model=new_model, tokenizer=tok,
+                                                       mesh=mesh)
+        del new_model
         write_json_atomic(os.path.join(it_dir, "metrics.json"), metrics)
         all_metrics.append(metrics)
-        write_report(out, all_metrics)
+        if distributed.is_primary():  # one writer on multi-process runs
+            write_report(out, all_metrics)
         del model
     return {"iterations": all_metrics}

@@ -2,6 +2,7 @@
 
 The actor's pairs come from the judge's scores (with length control); in the iterations listed in
 `judge_pair_iterations` the meta-judge's battles between judgments give the judge's pairs too.
+`--set temporal=true` adds temporal anchoring to the actor pairs (Meta-Rewarding + Temporal).
 A restarted command with the same --out resumes where the last one stopped.
 """
 
@@ -24,16 +25,20 @@ def parse_args(prog: str, doc: str, default_preset: str, argv: Optional[Sequence
     return ap.parse_args(argv)
 
 
-def cli(method: str, argv: Optional[Sequence[str]], doc: str) -> int:
+def cli(method: str, argv: Optional[Sequence[str]], doc: str, *, name: Optional[str] = None, temporal: bool = False) -> int:
+    """The shared command line of the loop's entry points; ``name`` is the module (default: method)."""
+    import dataclasses
+
     from experiments.loop import run_loop
     from experiments.presets import get_preset
 
-    args = parse_args(f"python -m experiments.{method}", doc, "smollm2_cpu", argv)
-    cfg = apply_overrides(get_preset(args.preset, method), args.set)
-    out = args.out or os.path.join("runs", f"{method}-{args.preset}")
+    name = name or method
+    args = parse_args(f"python -m experiments.{name}", doc, "smollm2_cpu", argv)
+    cfg = apply_overrides(dataclasses.replace(get_preset(args.preset, method), temporal=temporal), args.set)
+    out = args.out or os.path.join("runs", f"{name}-{args.preset}")
     result = run_loop(cfg, out)
     last = result["iterations"][-1] if result["iterations"] else {}
-    print(f"\n{method}: {len(result['iterations'])} iteration(s) done; "
+    print(f"\n{name}: {len(result['iterations'])} iteration(s) done; "
           f"last: {last.get('actor_pairs', 0)} actor pairs, {last.get('judge_pairs', 0)} judge pairs", file=sys.stderr)
     print(f"report: {os.path.join(out, 'report.md')} (plots: {os.path.join(out, 'metrics.png')})")
     return 0

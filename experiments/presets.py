@@ -6,6 +6,7 @@ import dataclasses
 
 from experiments.cli import UsageError
 from experiments.dpo import DPORunConfig
+from experiments.evaluate import EvalConfig
 from experiments.loop import TINY_MODEL, LoopConfig
 from metajudge.roles import Sampling
 from metajudge.train import TrainConfig
@@ -21,6 +22,8 @@ def tiny() -> LoopConfig:
         meta_judge=Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=8),
         dpo=DPORunConfig(max_len=640, batch_size=4, save_every=1,
                          train=TrainConfig(learning_rate=1e-3, warmup_steps=0)),
+        evaluate=EvalConfig(max_prompts=4, prompts_per_shard=2, batch_size=8, n_boot=200,
+                            answer=Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=12)),
     )
 
 
@@ -36,6 +39,8 @@ def smollm2_cpu() -> LoopConfig:
         meta_judge=Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=48),
         dpo=DPORunConfig(max_len=640, batch_size=2, save_every=2, ref_batch_size=4,
                          train=TrainConfig(learning_rate=5e-6, beta=0.1, warmup_steps=1, remat=True)),
+        evaluate=EvalConfig(max_prompts=16, prompts_per_shard=8, batch_size=16,
+                            answer=Sampling(n=1, temperature=0.7, top_p=0.9, max_new_tokens=96)),
     )
 
 
@@ -50,6 +55,8 @@ def llama3_8b_paper() -> LoopConfig:
         rho=(0.0, 0.32, 0.32, 0.4), judge_pair_iterations=(1, 2), judgment_max_chars=2000,
         dpo=DPORunConfig(max_len=4096, batch_size=32, save_every=100,
                          train=TrainConfig(learning_rate=5e-6, beta=0.1, warmup_steps=20, remat=True)),
+        evaluate=EvalConfig(max_prompts=0, prompts_per_shard=64, batch_size=256,
+                            answer=Sampling(n=1, temperature=0.7, top_p=0.9, max_new_tokens=1024)),
     )
 
 

@@ -58,3 +58,87 @@ def test_judgment_length_cap_drops_the_judge_pair():
 def test_rho_schedule_takes_the_iteration_value_and_repeats_the_last():
     cfg = dataclasses.replace(LoopConfig(), rho=(0.0, 0.32, 0.4))
     assert [cfg.rho_at(t) for t in (1, 2, 3, 4, 5)] == [0.0, 0.32, 0.4, 0.4, 0.4]
+
+
+def _judged(pid, means):
+    return [{"id": pid, "response_index": k, "mean": m} for k, m in enumerate(means)]
+
+
+def test_anchored_then_future_guided_pairs_on_hand_worked_records():
+    from experiments.loop import anchored_pairs, future_guided_pairs
+
+    generated = [{"id": p, "prompt": p + "?", "responses": [f"{p}-cur{k}" for k in range(3)]} for p in ("a", "b", "c", "d")]
+    judged = _judged("a", [3, 5, 2]) + _judged("b", [3, 5, 2]) + _judged("c", [4, 4, 4]) + _judged("d", [2, 4, 3])
+    initial = [{"id": p, "prompt": p + "?", "responses": [f"{p}-init{k}" for k in range(2)]} for p in ("a", "b", "c", "d")]
+    # a: M_0's worst (1) is below M_t's worst (2) -> rejected from M_0, index 0
+    # b: M_0's worst (2) ties M_t's worst -> not strictly lower, rejected stays M_t's index 2
+    # c: all M_t scores equal, M_0's worst 4 is not lower -> no pair
+    # d: M_0's worst 1.5 (index 1) replaces M_t's worst 2
+    initial_judged = _judged("a", [1, 4]) + _judged("b", [2, 4]) + _judged("c", [4, 4.5]) + _judged("d", [3, 1.5])
+    d1 = anchored_pairs(generated, judged, initial, initial_judged)
+    assert [(p["id"], p["chosen"], p["rejected"], p["chosen_score"], p["rejected_score"], p["rejected_source"]) for p in d1] == [
+        ("a", "a-cur1", "a-init0", 5.0, 1.0, "initial"),
+        ("b", "b-cur1", "b-cur2", 5.0, 2.0, "current"),
+        ("d", "d-cur1", "d-init1", 4.0, 1.5, "initial"),
+    ]
+    # Without M_0's responses (iteration 1) the rejected is M_t's worst.
+    assert [p["rejected"] for p in anchored_pairs(generated, judged, None, None)] == ["a-cur2", "b-cur2", "d-cur0"]
+
+    future = [{"id": p, "prompt": p + "?", "responses": [f"{p}-fut{k}" for k in range(3)]} for p in ("a", "b", "d")]
+    # a: future best 5.5 (index 2, first of the ties) > 5 -> replaces the chosen
+    # b: future best 5 ties the chosen -> kept from M_t
+    # d: future scores all NaN (no valid judgment) -> kept from M_t
+    future_judged = _judged("a", [4, 5.5, 5.5])[::-1] + _judged("b", [5, 1, 0]) + _judged("d", [float("nan")] * 3)
+    d2 = future_guided_pairs(d1, future, future_judged)
+    assert [(p["id"], p["chosen"], p["chosen_score"], p["chosen_source"], p["rejected"]) for p in d2] == [
+        ("a", "a-fut1", 5.5, "future", "a-init0"),
+        ("b", "b-cur1", 5.0, "current", "b-cur2"),
+        ("d", "d-cur1", 4.0, "current", "d-init1"),
+    ]
+
+
+def test_build_pairs_uses_given_actor_pairs_and_counts_their_sources():
+    generated, judged, metajudged = _records()
+    actor = [{"kind": "actor", "id": "p1", "prompt": "Name a colour.", "chosen": "x", "rejected": "y",
+              "chosen_score": 4.5, "rejected_score": 1.0, "chosen_source": "future", "rejected_source": "initial"}]
+    pairs, stats = build_pairs(LoopConfig(), 1, generated, judged, metajudged, actor=actor)
+    assert pairs[0] == actor[0] and {p["kind"] for p in pairs[1:]} == {"judge"}
+    assert stats["actor_pairs"] == 1 and stats["score_gap"] == 3.5
+    assert stats["future_chosen"] == 1 and stats["initial_rejected"] == 1
+
+
+def test_hidden_cosine_equals_numpy_cosine_of_plain_forward_hidden_means():
+    import jax.numpy as jnp
+    import numpy as np
+
+    import models
+    from experiments.loop import hidden_cosine
+    from experiments.sft import tiny_config
+
+    tok = models.load_tokenizer(models.EMBEDDED_NAME)
+    model = models.create_model(tiny_config(tok, "float32"), seed=3)
+    pairs = [{"kind": "actor", "prompt": "Name a colour.", "chosen": "Red, like a rose.", "rejected": "Blue"},
+             {"kind": "judge", "prompt": "ignored", "chosen": "x", "rejected": "y"},
+             {"kind": "actor", "prompt": "Say hi.", "chosen": "Hello there, friend!", "rejected": "Hi."}]
+    cos = []
+    for p in (pairs[0], pairs[2]):
+        prompt = tok.apply_chat_template([{"role": "user", "content": p["prompt"]}])
+        means = []
+        for side in ("chosen", "rejected"):
+            resp = tok.encode(p[side])
+            h, _ = model.hidden_states(jnp.asarray([prompt + resp], jnp.int32))
+            means.append(np.asarray(h[0, len(prompt):], np.float64).mean(0))
+        cos.append(means[0] @ means[1] / np.linalg.norm(means[0]) / np.linalg.norm(means[1]))
+    assert abs(hidden_cosine(model, tok, pairs) - np.mean(cos)) < 1e-5
+    assert np.isnan(hidden_cosine(model, tok, pairs[1:2]))
+
+
+def test_future_model_settings_start_from_the_dpo_settings():
+    from experiments.cli import apply_overrides
+    from experiments.presets import get_preset
+
+    cfg = get_preset("tiny", "self_reward")
+    assert cfg.future_dpo is None and cfg.group_default("future_dpo") == cfg.dpo
+    fut = apply_overrides(cfg, ["future_dpo.train.learning_rate=2e-5"]).future_dpo
+    assert fut.train.learning_rate == 2e-5
+    assert dataclasses.replace(fut, train=cfg.dpo.train) == cfg.dpo

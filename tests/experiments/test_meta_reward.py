@@ -49,8 +49,8 @@ def test_tiny_preset_runs_every_stage_and_writes_the_report(straight_run):
     assert {p["kind"] for p in _pairs(out)} <= {"actor", "judge"}
 
 
-def _kill_when(out, path, timeout=600):
-    proc = subprocess.Popen([*CMD, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _kill_when(out, path, timeout=600, cmd=CMD):
+    proc = subprocess.Popen([*cmd, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not os.path.exists(os.path.join(out, path)):
         if proc.poll() is not None:
