@@ -292,14 +292,14 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, end, 0))
             kv_pos, kv_seg, new_cache = slot_pos, None, (k, v)
         if attention_kernels.resolve_impl(self.config.attention_impl) == "pallas":
-            out = self._pallas(q, k.astype(dt), v.astype(dt), pos_bt, kv_pos, seg_bt, kv_seg)
+            out = self.pallas_attention(q, k.astype(dt), v.astype(dt), pos_bt, kv_pos, seg_bt, kv_seg)
         else:
             out = dot_product_attention(q, k.astype(dt), v.astype(dt), attention_mask(pos_bt, kv_pos, seg_bt, kv_seg))
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj_nhd.value.astype(dt))
         return out, new_cache
 
 
-    def _pallas(self, q, k, v, pos_bt, kv_pos, seg_bt, kv_seg) -> Array:
+    def pallas_attention(self, q: Array, k: Array, v: Array, pos_bt: Array, kv_pos: Array, seg_bt: Optional[Array], kv_seg: Optional[Array]) -> Array:
         """The Pallas kernels; on a mesh, once per device through ``shard_map`` (batch rows over
         ``data``/``fsdp`` and heads over ``tensor`` where they divide, as the activations are)."""
         kw = dict(q_positions=pos_bt, kv_positions=kv_pos, q_segment_ids=seg_bt, kv_segment_ids=kv_seg)

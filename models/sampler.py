@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from models.distributed import put_global, to_host
+from kernels.dispatch import resolve_impl
 from models.llama import Llama, rope_inv_freq
 from models.sharding import ShardingContext, constrain
 
@@ -159,14 +160,16 @@ def _full(ctx: Optional[ShardingContext], shape: tuple, fill: Any, dtype: Any, a
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _DecodeCache:
-    """The decode-time KV cache: keys transposed to ``[B, K, H, S]`` so ``q . k`` is a plain matmul
-    (2x faster on XLA:CPU than contracting the minor axis of ``[B, K, S, H]``); values ``[B, K, S, H]``;
-    ``pos`` ``[B, S]`` (``-1``: empty or padding) and ``end`` as in `models.llama.KVCache`."""
+    """The decode-time KV cache. Keys: ``[B, K, H, S]`` with XLA attention (``keys_last``), so
+    ``q . k`` is a plain matmul (2x faster on XLA:CPU than contracting the minor axis of
+    ``[B, K, S, H]``); ``[B, K, S, H]`` for the Pallas kernels. Values ``[B, K, S, H]``; ``pos``
+    ``[B, S]`` (``-1``: empty or padding) and ``end`` as in `models.llama.KVCache`."""
 
-    k_bkhs: list[Array]
+    k: list[Array]
     v_bksh: list[Array]
     pos: Array
     end: Array
+    keys_last: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
@@ -175,8 +178,10 @@ class _DecodeCache:
 
 def _cache_axes(cache: _DecodeCache) -> _DecodeCache:
     """Logical axes of every array of the cache: batch, then KV heads."""
-    kv, kt = ("batch", "act_kv_heads", "cache_length", None), ("batch", "act_kv_heads", None, "cache_length")
-    return _DecodeCache(k_bkhs=[kt] * len(cache.k_bkhs), v_bksh=[kv] * len(cache.v_bksh), pos=("batch", "cache_length"), end=())
+    kv = ("batch", "act_kv_heads", "cache_length", None)
+    kt = ("batch", "act_kv_heads", None, "cache_length") if cache.keys_last else kv
+    return _DecodeCache(k=[kt] * len(cache.k), v_bksh=[kv] * len(cache.v_bksh), pos=("batch", "cache_length"), end=(),
+                        keys_last=cache.keys_last)
 
 
 def _head_weights(model: Llama) -> Array:
@@ -235,11 +240,16 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
         with jax.named_scope(f"layer_{i}"):
             a, y = blk.attn, blk.input_norm(x)
             q = _rope((y @ w2(a.q_proj_dnh, d)).reshape(b, t, n, h), cos, sin)
-            kk = _rope((y @ w2(a.k_proj_dkh, d)).reshape(b, t, k, h), cos, sin).transpose(0, 2, 3, 1)  # [B, K, H, T]
+            kk = _rope((y @ w2(a.k_proj_dkh, d)).reshape(b, t, k, h), cos, sin)
+            kk = kk.transpose(0, 2, 3, 1) if cache.keys_last else kk.transpose(0, 2, 1, 3)  # [B, K, H, T] or [B, K, T, H]
             vv = (y @ w2(a.v_proj_dkh, d)).reshape(b, t, k, h).transpose(0, 2, 1, 3)  # [B, K, T, H]
-            k_cache = jax.lax.dynamic_update_slice(cache.k_bkhs[i], kk.astype(cache.k_bkhs[i].dtype), (0, 0, 0, cache.end))
+            at = (0, 0, 0, cache.end) if cache.keys_last else (0, 0, cache.end, 0)
+            k_cache = jax.lax.dynamic_update_slice(cache.k[i], kk.astype(cache.k[i].dtype), at)
             v_cache = jax.lax.dynamic_update_slice(cache.v_bksh[i], vv.astype(cache.v_bksh[i].dtype), (0, 0, cache.end, 0))
-            o = _attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
+            if cache.keys_last:
+                o = _attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
+            else:  # the Pallas kernels (decode kernel for one token), per device on a mesh
+                o = a.pallas_attention(q, k_cache.astype(dt), v_cache.astype(dt), pos_bt, slot_pos, seg_bt, None)
             x = x + o.reshape(b * t, n * h) @ w2(a.o_proj_nhd, n * h)
             m, y = blk.mlp, blk.post_attn_norm(x)
             x = x + (jax.nn.silu(y @ w2(m.gate_proj_df, d)) * (y @ w2(m.up_proj_df, d))) @ w2(m.down_proj_fd, c.intermediate_size)
@@ -247,7 +257,7 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
             new_k.append(k_cache)
             new_v.append(v_cache)
     x = model.final_norm(x).reshape(b, t, d)
-    return x, _DecodeCache(k_bkhs=new_k, v_bksh=new_v, pos=slot_pos, end=cache.end + t)
+    return x, _DecodeCache(k=new_k, v_bksh=new_v, pos=slot_pos, end=cache.end + t, keys_last=cache.keys_last)
 
 
 def _logits(model: Llama, head_dv: Array, h_bd: Array) -> Array:
@@ -415,7 +425,8 @@ def _decode_fn(graphdef, mode, state, head_dv, cache, rows, knobs):
 def _copy_rows_fn(ctx, cache, src_r):
     """Rows ``src_r`` of a cache."""
     rows = lambda x: jnp.take(x, src_r, axis=0)
-    cache = _DecodeCache(k_bkhs=[rows(x) for x in cache.k_bkhs], v_bksh=[rows(x) for x in cache.v_bksh], pos=rows(cache.pos), end=cache.end)
+    cache = _DecodeCache(k=[rows(x) for x in cache.k], v_bksh=[rows(x) for x in cache.v_bksh], pos=rows(cache.pos),
+                         end=cache.end, keys_last=cache.keys_last)
     return _constrain_tree(ctx, cache, _cache_axes(cache))
 
 
@@ -429,8 +440,8 @@ def _grow_fn(ctx, capacity, cache):
         return jax.lax.dynamic_update_slice(jnp.full(shape, fill, x.dtype), x, (0,) * x.ndim)
 
     cache = _DecodeCache(
-        k_bkhs=[grow(x, 3) for x in cache.k_bkhs], v_bksh=[grow(x, 2) for x in cache.v_bksh],
-        pos=grow(cache.pos, 1, -1), end=cache.end,
+        k=[grow(x, 3 if cache.keys_last else 2) for x in cache.k], v_bksh=[grow(x, 2) for x in cache.v_bksh],
+        pos=grow(cache.pos, 1, -1), end=cache.end, keys_last=cache.keys_last,
     )
     return _constrain_tree(ctx, cache, _cache_axes(cache))
 
@@ -534,11 +545,14 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
 
     def new_cache(rows):
         dt, kh, hd, layers = jnp.dtype(c.dtype), c.num_kv_heads, c.head_dim, c.num_layers
-        kt, kv = ("batch", "act_kv_heads", None, "cache_length"), ("batch", "act_kv_heads", "cache_length", None)
+        keys_last = resolve_impl(c.attention_impl) == "xla"
+        kv = ("batch", "act_kv_heads", "cache_length", None)
+        kt, k_shape = (("batch", "act_kv_heads", None, "cache_length"), (rows, kh, hd, capacity)) if keys_last else (kv, (rows, kh, capacity, hd))
         return _DecodeCache(
-            k_bkhs=[_full(ctx, (rows, kh, hd, capacity), 0, dt, kt) for _ in range(layers)],
+            k=[_full(ctx, k_shape, 0, dt, kt) for _ in range(layers)],
             v_bksh=[_full(ctx, (rows, kh, capacity, hd), 0, dt, kv) for _ in range(layers)],
             pos=_full(ctx, (rows, capacity), -1, jnp.int32, ("batch", "cache_length")), end=_full(ctx, (), 0, jnp.int32, ()),
+            keys_last=keys_last,
         )
 
     if shared:
