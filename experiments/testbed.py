@@ -1,0 +1,638 @@
+"""The verifiable testbed: every method, a few iterations, gold metrics per iteration, on CPU.
+
+    python -m experiments.testbed [--quick] [--out DIR] [--seeds 0,1,2] [--methods a,b]
+                                  [--iterations N] [--set key=value ...]
+
+For each seed it builds (or takes from the cache) a seed model: a small Llama trained from scratch
+with ``experiments.sft.train_loop`` on the testbed's IFT, EFT and meta-judge data
+(:mod:`metajudge.testbed`). Then each method runs with the project's loop
+(``experiments.loop.run_loop``) from that seed, and every model M_0..M_T is graded against the
+known answers:
+
+- actor: mean gold grade / 5 of sampled answers to held-out instructions, share exactly right,
+  length in characters;
+- judge: pairwise ranking accuracy of its (N-sample mean) scores on fixed graded responses, and
+  how much more it gives to responses with filler at equal grade;
+- meta-judge: accuracy on fixed judgment pairs whose better judgment is known (both orders);
+- the iteration's pairs: gold gap between chosen and rejected, share of pairs with a truly better
+  chosen, the judge-score gap and the collapse diagnostics the loop records.
+
+Outputs under ``--out`` (default ``runs/testbed``, ``runs/testbed-quick`` with ``--quick``):
+``config.json``, ``seed_<s>/<method>/`` (the loop's run directories, each with ``gold.json``),
+``results.json``, ``table.md`` and ``testbed.png``. Seed models are cached under
+``~/.cache/metajudge-testbed/seed-<seed>-<hash>/`` (``--set cache_dir=...``), keyed by every
+setting they depend on. A rerun of the same command skips finished work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from experiments.cli import UsageError, apply_overrides, config_dict, run_main
+from experiments.dpo import DPORunConfig
+from metajudge import testbed as tb
+from metajudge.roles import Sampling
+from metajudge.train import TrainConfig
+
+#: name -> (label, loop method, length control, temporal anchoring)
+METHODS: dict[str, tuple[str, str, bool, bool]] = {
+    "self_reward": ("Self-Rewarding", "self_reward", False, False),
+    "self_reward_lc": ("Self-Rewarding + LC", "self_reward", True, False),
+    "meta_reward": ("Meta-Rewarding (LC)", "meta_reward", True, False),
+    "temporal_self_reward": ("Temporal Self-Rewarding", "self_reward", False, True),
+    "meta_reward_temporal": ("Meta-Rewarding + temporal", "meta_reward", True, True),
+}
+
+SEED_FORMAT = 2  # bump when the seed's data or training changes in a way no setting shows
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """The seed model's architecture (:func:`metajudge.testbed.model_config`)."""
+
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 4
+    mlp: int = 256
+    max_positions: int = 1024  # RoPE only (no parameters): room for garbled samples of an untrained model
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedTraining:
+    """SFT of the seed model from scratch (packed rows of ``max_len`` tokens)."""
+
+    steps: int = 800
+    batch_size: int = 24
+    max_len: int = 192  # the longest meta-judge example (~155 tokens) fits whole
+    train: TrainConfig = TrainConfig(learning_rate=8e-3, warmup_steps=30, weight_decay=0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestbedConfig:
+    """Everything a testbed run depends on; saved as ``<out>/config.json``."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = tuple(METHODS)
+    iterations: int = 3
+    data: tb.DataConfig = tb.DataConfig()
+    model: ModelSize = ModelSize()
+    seed_training: SeedTraining = SeedTraining()
+    prompts_per_iteration: int = 48
+    prompts_per_shard: int = 16
+    actor: Sampling = Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=40)
+    judge: Sampling = Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=56)
+    meta_judge: Sampling = Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=32)
+    length_control_rho: tuple[float, ...] = (0.3,)
+    judge_pair_iterations: tuple[int, ...] = (1, 2)
+    dpo: DPORunConfig = DPORunConfig(max_len=128, batch_size=4, num_epochs=2, save_every=100000, ref_batch_size=32,
+                                     train=TrainConfig(learning_rate=5e-4, beta=0.1, warmup_steps=2))
+    eval_actor_samples: int = 2  # answers per evaluation problem
+    gen_batch_size: int = 128
+    cache_dir: str = "~/.cache/metajudge-testbed"
+
+
+def quick_config() -> TestbedConfig:
+    """One seed, tiny sizes: every method runs end to end in a few minutes (CI)."""
+    return TestbedConfig(
+        seeds=(0,), iterations=2, prompts_per_iteration=8, prompts_per_shard=8,
+        data=dataclasses.replace(tb.DataConfig(), n_train_problems=600, n_loop_problems=64, n_eval_problems=8,
+                                 n_ift=600, n_eft=600, n_meta=150, eval_judge_problems=4, eval_meta_pairs=8),
+        seed_training=dataclasses.replace(SeedTraining(), steps=250),
+        actor=Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=32),
+        judge=Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=56),
+        meta_judge=Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=28),
+        dpo=dataclasses.replace(TestbedConfig().dpo, num_epochs=1, batch_size=4),
+        eval_actor_samples=1,
+    )
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _log(msg: str) -> None:
+    print(f"[testbed] {msg}", file=sys.stderr, flush=True)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Optional[Any]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _loop_supports_temporal() -> bool:
+    from experiments.loop import LoopConfig
+
+    return "temporal" in {f.name for f in dataclasses.fields(LoopConfig)}
+
+
+# ------------------------------------------------------------------------------- seed models
+
+
+def seed_key(cfg: TestbedConfig, seed: int) -> str:
+    """A hash of everything the seed model of ``seed`` depends on."""
+    from metajudge.stages import fingerprint
+
+    return fingerprint({"format": SEED_FORMAT, "seed": seed, "data": config_dict(cfg.data),
+                        "model": config_dict(cfg.model), "training": config_dict(cfg.seed_training)})
+
+
+def seed_dir(cfg: TestbedConfig, seed: int) -> str:
+    return os.path.join(os.path.expanduser(cfg.cache_dir), f"seed-{seed}-{seed_key(cfg, seed)}")
+
+
+def build_seed(cfg: TestbedConfig, seed: int) -> str:
+    """The cached seed directory of ``seed`` (built first if missing): ``tokenizer/``, ``model/``,
+    ``prompts.jsonl`` (the loop's prompts), ``eval.json`` (gold evaluation sets), ``sft.jsonl``,
+    ``sft_metrics.jsonl`` and ``config.json``. Built in a temporary directory, then renamed."""
+    import models
+    from experiments.sft import RunConfig, resolve_mesh, train_loop
+    from metajudge.data import build_sft_examples, sft_tokens
+
+    final = seed_dir(cfg, seed)
+    if os.path.exists(os.path.join(final, "manifest.json")):
+        return final
+    t0 = time.time()
+    tmp = f"{final}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sft_problems, loop_problems, eval_problems = cfg.data.problems(seed)
+    records = tb.sft_records(cfg.data, seed, sft_problems)
+    with open(os.path.join(tmp, "sft.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(tmp, "prompts.jsonl"), "w") as f:
+        for r in tb.prompt_records(loop_problems):
+            f.write(json.dumps(r) + "\n")
+    sets = tb.eval_sets(cfg.data, seed, eval_problems)
+    sets["actor"] = [p.instruction for p in eval_problems]
+    _write_json(os.path.join(tmp, "eval.json"), sets)
+    tb.build_tokenizer(os.path.join(tmp, "tokenizer"), (m["content"] for r in records for m in r["messages"]))
+    tok = models.load_tokenizer(os.path.join(tmp, "tokenizer"))
+    m = cfg.model
+    config = tb.model_config(tok, hidden=m.hidden, layers=m.layers, heads=m.heads, mlp=m.mlp, max_positions=m.max_positions)
+    mesh = resolve_mesh(None)
+    model = models.create_model(config, seed=seed, mesh=mesh)
+    st = cfg.seed_training
+    longest = max(len(sft_tokens(r, tok)[0]) for r in records)
+    if longest - 1 > st.max_len:  # a cut meta-judgment would lose its Winner line
+        raise UsageError(f"seed_training.max_len={st.max_len} cuts the longest SFT example ({longest} tokens); "
+                         f"set it to at least {longest - 1}")
+    examples = build_sft_examples(records, tok, max_len=st.max_len, pack=True, pad_id=tok.pad_token_id)
+    run = RunConfig(preset="testbed", out=os.path.join(tmp, "sft"), data=os.path.join(tmp, "sft.jsonl"),
+                    max_len=st.max_len, batch_size=st.batch_size, save_every=10**9, keep=1,
+                    train=st.train.replace(total_steps=st.steps, seed=seed))
+    _log(f"seed {seed}: training the seed model ({config.num_params:,} parameters, {len(examples)} packed rows, "
+         f"{st.steps} steps)")
+    train_loop("sft", config=config, model=model, examples=examples, run=run, resume=False, mesh=mesh)
+    os.replace(os.path.join(tmp, "sft", "model"), os.path.join(tmp, "model"))
+    os.replace(os.path.join(tmp, "sft", "metrics.jsonl"), os.path.join(tmp, "sft_metrics.jsonl"))
+    shutil.rmtree(os.path.join(tmp, "sft"))
+    _write_json(os.path.join(tmp, "config.json"), {"seed": seed, "data": config_dict(cfg.data), "model": config_dict(cfg.model),
+                                                   "seed_training": config_dict(cfg.seed_training)})
+    _write_json(os.path.join(tmp, "manifest.json"), {"seconds": round(time.time() - t0, 1)})
+    if os.path.exists(final):  # built meanwhile by another process
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
+    _log(f"seed {seed}: seed model ready in {time.time() - t0:.0f}s ({final})")
+    return final
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+def _eval_key(cfg: TestbedConfig) -> str:
+    from metajudge.stages import fingerprint
+
+    return fingerprint({"actor": config_dict(cfg.actor), "judge": config_dict(cfg.judge),
+                        "meta_judge": config_dict(cfg.meta_judge), "samples": cfg.eval_actor_samples})
+
+
+def evaluate_model(cfg: TestbedConfig, model: Any, tok: Any, sets: dict, seed: int) -> dict[str, float]:
+    """Gold metrics of one model on the seed's fixed evaluation sets (actor, judge, meta-judge).
+
+    Every model of a seed is evaluated with the same random key, so differences between models are
+    not sampling noise of the evaluation."""
+    from metajudge.roles import act, judge, meta_judge, shard_rng
+
+    out: dict[str, float] = {}
+    answers = act(model, tok, sets["actor"], dataclasses.replace(cfg.actor, n=cfg.eval_actor_samples),
+                  rng=shard_rng(seed, 9001), batch_size=cfg.gen_batch_size)
+    out.update({f"actor_{k}": v for k, v in tb.response_metrics(sets["actor"], answers).items()})
+    items = sets["judge"]
+    res = judge(model, tok, [(x["instruction"], x["response"]) for x in items], cfg.judge, rng=shard_rng(seed, 9002),
+                readout="parse", batch_size=cfg.gen_batch_size)
+    out.update(tb.judge_metrics([x["group"] for x in items], [x["gold"] for x in items], [r["mean"] for r in res],
+                                [x["filler"] for x in items]))
+    meta = sets["meta"]
+    battles = [(m["instruction"], m["response"], m["a"], m["b"]) for m in meta]
+    battles += [(m["instruction"], m["response"], m["b"], m["a"]) for m in meta]
+    truths = [1 if m["winner"] == "A" else -1 for m in meta]
+    truths += [-t for t in truths]
+    verdicts = [r["verdict"] for r in meta_judge(model, tok, battles, cfg.meta_judge, rng=shard_rng(seed, 9003),
+                                                 readout="parse", batch_size=cfg.gen_batch_size)]
+    out.update(tb.meta_accuracy(truths, verdicts))
+    return out
+
+
+def _evaluate_source(cfg: TestbedConfig, source: str, tokenizer: str, sets: dict, seed: int, path: str) -> dict:
+    cached = _read_json(path)
+    if cached is not None:
+        return cached
+    import models
+
+    tok = models.load_tokenizer(tokenizer)
+    _, model = models.load_model(source)
+    t0 = time.time()
+    res = evaluate_model(cfg, model, tok, sets, seed)
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    _write_json(path, res)
+    return res
+
+
+# ---------------------------------------------------------------------------- loop metrics
+
+
+def _records(directory: str, name: str) -> list[dict]:
+    from metajudge.stages import Stage
+
+    if not os.path.exists(os.path.join(directory, "manifest.json")):
+        return []
+    return Stage(directory, name, writer=False).records()
+
+
+DIAGNOSTICS = ("score_gap", "hidden_cosine", "dpo_margin", "dpo_accuracy", "initial_grad_norm", "elo_spread",
+               "first_position_win_rate", "actor_pairs", "judge_pairs", "avg_response_chars")
+
+
+def loop_metrics(it_dir: str) -> dict[str, float]:
+    """Gold metrics of one finished iteration of the loop, from its stage records.
+
+    The iteration's actor and judge are M_{t-1}: ``loop_quality`` / ``loop_chars`` grade its
+    samples on the iteration's prompts, ``loop_judge_acc`` its judgments of them,
+    ``loop_meta_acc`` its meta-judge verdicts (Meta-Rewarding iterations with judge pairs); then
+    the pairs' gold view (:func:`metajudge.testbed.pair_metrics`) and the loop's own diagnostics.
+    """
+    from metajudge.stages import read_jsonl
+
+    out: dict[str, float] = {}
+    gen = _records(os.path.join(it_dir, "generate"), "generate")
+    judged = _records(os.path.join(it_dir, "judge"), "judge")
+    if gen:
+        r = tb.response_metrics([g["prompt"] for g in gen], [g["responses"] for g in gen])
+        out.update(loop_quality=r["quality"], loop_chars=r["chars"], loop_filler=r["filler"])
+    if gen and judged:
+        by_id = {g["id"]: g for g in gen}
+        groups, gold, scores, filler = [], [], [], []
+        for j in judged:
+            g = by_id[j["id"]]
+            gr = tb.grade(g["prompt"], g["responses"][j["response_index"]])
+            groups.append(j["id"])
+            gold.append(gr.quality)
+            scores.append(j["mean"])
+            filler.append(gr.filler)
+        m = tb.judge_metrics(groups, gold, scores, filler)
+        out.update(loop_judge_acc=m["judge_acc"], loop_judge_length_bonus=m["judge_length_bonus"])
+    meta = _records(os.path.join(it_dir, "meta_judge"), "meta_judge")
+    judged_responses: dict[str, tuple[str, str]] = {}
+    if meta:
+        truths, verdicts = [], []
+        for x in meta:
+            judged_responses[x["id"]] = (x["prompt"], x["response"])
+            for b in x["battles"]:
+                truths.append(tb.battle_truth(x["prompt"], x["response"], x["judgments"][b["first"]],
+                                              x["judgments"][b["second"]]))
+                verdicts.append(b["verdict"])
+        out["loop_meta_acc"] = tb.meta_accuracy(truths, verdicts)["meta_acc"]
+    pairs_path = os.path.join(it_dir, "pairs", "pairs.jsonl")
+    if os.path.exists(pairs_path):
+        out.update(tb.pair_metrics(read_jsonl(pairs_path), judged_responses))
+    loop = _read_json(os.path.join(it_dir, "metrics.json")) or {}
+    summary = _read_json(os.path.join(it_dir, "pairs", "manifest.json")) or {}
+    for k in DIAGNOSTICS:
+        v = loop.get(k, summary.get(k))
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+# ------------------------------------------------------------------------------------- runs
+
+
+def loop_config(cfg: TestbedConfig, name: str, seed: int, seed_path: str) -> Any:
+    """The project's ``LoopConfig`` for one method started from the seed model."""
+    from experiments.loop import LoopConfig
+
+    _, method, lc, temporal = METHODS[name]
+    fields = {f.name: f for f in dataclasses.fields(LoopConfig)}
+    extra: dict[str, Any] = {"temporal": True} if temporal else {}
+    if "evaluate" in fields:  # the gold metrics replace the loop's held-out win rates (a judge it never learnt)
+        extra["evaluate"] = dataclasses.replace(fields["evaluate"].default, enabled=False)
+    return LoopConfig(
+        method=method, model=os.path.join(seed_path, "model"), tokenizer=os.path.join(seed_path, "tokenizer"),
+        seed=seed, iterations=cfg.iterations, prompts=os.path.join(seed_path, "prompts.jsonl"),
+        prompts_per_iteration=cfg.prompts_per_iteration, heldout_fraction=0.0, actor=cfg.actor, judge=cfg.judge,
+        meta_judge=cfg.meta_judge, readout="parse", rho=cfg.length_control_rho if lc else (0.0,),
+        judge_pair_iterations=cfg.judge_pair_iterations, gen_batch_size=cfg.gen_batch_size,
+        prompts_per_shard=cfg.prompts_per_shard, dpo=cfg.dpo, **extra,
+    )
+
+
+def run_method(cfg: TestbedConfig, name: str, seed: int, seed_path: str, out: str, m0: dict) -> list[dict]:
+    """Runs (or resumes) one method from one seed; returns one row per iteration 0..T."""
+    from experiments.loop import run_loop
+
+    run_dir = os.path.join(out, f"seed_{seed}", name)
+    t0 = time.time()
+    run_loop(loop_config(cfg, name, seed, seed_path), run_dir)
+    loop_s = time.time() - t0
+    sets = _read_json(os.path.join(seed_path, "eval.json"))
+    rows = [{"iteration": 0, **m0}]
+    for t in range(1, cfg.iterations + 1):
+        it_dir = os.path.join(run_dir, f"iter_{t}")
+        ev = _evaluate_source(cfg, os.path.join(it_dir, "dpo", "model"), os.path.join(seed_path, "tokenizer"), sets, seed,
+                              os.path.join(it_dir, f"gold_eval-{_eval_key(cfg)}.json"))
+        rows.append({"iteration": t, **ev, **loop_metrics(it_dir)})
+    _write_json(os.path.join(run_dir, "gold.json"), rows)
+    _log(f"seed {seed} {name}: {cfg.iterations} iteration(s) in {time.time() - t0:.0f}s (loop {loop_s:.0f}s); "
+         "actor quality " + " -> ".join(f"{r['actor_quality']:.2f}" for r in rows))
+    return rows
+
+
+# --------------------------------------------------------------------------------- the table
+
+TABLE_COLUMNS = (
+    ("actor_quality", "actor quality", "{:.3f}"),
+    ("actor_exact", "exact", "{:.2f}"),
+    ("judge_acc", "judge acc", "{:.3f}"),
+    ("judge_length_bonus", "judge len bonus", "{:+.2f}"),
+    ("meta_acc", "meta acc", "{:.3f}"),
+    ("actor_chars", "length (chars)", "{:.1f}"),
+    ("gold_gap", "gold gap c-r", "{:.2f}"),
+    ("pair_precision", "pair precision", "{:.2f}"),
+    ("score_gap", "judge gap c-r", "{:.2f}"),
+    ("judge_pair_precision", "judge-pair precision", "{:.2f}"),
+    ("hidden_cosine", "hidden cos c-r", "{:.3f}"),
+    ("dpo_margin", "DPO margin", "{:.2f}"),
+)
+
+PLOT_KEYS = ("actor_quality", "judge_acc", "meta_acc", "actor_chars", "gold_gap", "score_gap")
+
+
+def _finite(xs: Sequence[Any]) -> list[float]:
+    return [float(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+
+
+def aggregate(rows: dict[str, dict[int, list[dict]]], iterations: int) -> dict[str, list[dict]]:
+    """``{method: [{"iteration": t, key: (mean, sd, n)}, ...]}`` over seeds."""
+    import numpy as np
+
+    keys = sorted({k for per_seed in rows.values() for seed_rows in per_seed.values() for r in seed_rows for k in r} - {"iteration"})
+    out: dict[str, list[dict]] = {}
+    for name, per_seed in rows.items():
+        agg = []
+        for t in range(iterations + 1):
+            at = [r for seed_rows in per_seed.values() for r in seed_rows if r["iteration"] == t]
+            cell: dict[str, Any] = {"iteration": t}
+            for k in keys:
+                xs = _finite([r.get(k) for r in at])
+                if xs:
+                    cell[k] = (float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0, len(xs))
+            agg.append(cell)
+        out[name] = agg
+    return out
+
+
+def _cell(v: Optional[tuple], fmt: str) -> str:
+    if v is None:
+        return "-"
+    mean, sd, n = v
+    return fmt.format(mean) + (f" ± {sd:.2f}".replace("± 0.00", "± 0") if n > 1 else "")
+
+
+def markdown_table(agg: dict[str, list[dict]]) -> str:
+    """One row per method and iteration: mean ± sd over seeds."""
+    head = "| method | iter | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |"
+    sep = "|---|---|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    lines = [head, sep]
+    for name, cells in agg.items():
+        for c in cells:
+            lines.append(f"| {METHODS[name][0]} | {c['iteration']} | "
+                         + " | ".join(_cell(c.get(k), fmt) for k, _, fmt in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _get(agg: dict, name: str, t: int, key: str) -> float:
+    cells = agg.get(name) or []
+    v = cells[t].get(key) if t < len(cells) else None
+    return v[0] if v else float("nan")
+
+
+def _sd(agg: dict, name: str, t: int, key: str) -> float:
+    cells = agg.get(name) or []
+    v = cells[t].get(key) if t < len(cells) else None
+    return v[1] if v else float("nan")
+
+
+def findings(agg: dict[str, list[dict]], iterations: int) -> list[dict]:
+    """The claims the testbed is built to check, each with its numbers and whether it held here."""
+    T = iterations
+    out: list[dict] = []
+
+    def claim(text: str, holds: Any, numbers: str) -> None:
+        out.append({"claim": text, "holds": holds, "numbers": numbers})  # holds: True, False, "weak" or None
+
+    def ok(*xs: float) -> bool:
+        return all(math.isfinite(x) for x in xs)
+
+    sr, q = "self_reward", "actor_quality"
+    if sr in agg and T >= 2:
+        q0, q1, qT = (_get(agg, sr, t, q) for t in (0, 1, T))
+        j0, jT = _get(agg, sr, 0, "judge_acc"), _get(agg, sr, T, "judge_acc")
+        first, rest = q1 - q0, (qT - q1) / (T - 1)
+        holds = ok(q0, q1, qT, j0, jT) and first > 0 and rest < first and abs(jT - j0) < 0.03
+        claim("Self-Rewarding improves the actor, then stalls, while the judge stays flat", holds if ok(q0, q1, qT, j0, jT) else None,
+              f"actor quality {q0:.3f} -> {q1:.3f} (iter 1) -> {qT:.3f} (iter {T}); gain per iteration after the first "
+              f"{rest:+.3f} vs {first:+.3f}; judge acc {j0:.3f} -> {jT:.3f}")
+    mr = "meta_reward"
+    if mr in agg:
+        j0, jT = _get(agg, mr, 0, "judge_acc"), _get(agg, mr, T, "judge_acc")
+        jsr = _get(agg, sr, T, "judge_acc") if sr in agg else float("nan")
+        holds = ok(j0, jT) and jT > j0 and (not math.isfinite(jsr) or jT > jsr)
+        claim("Meta-Rewarding raises judge accuracy", holds if ok(j0, jT) else None,
+              f"judge acc {j0:.3f} -> {jT:.3f} (Self-Rewarding at iter {T}: {jsr:.3f})")
+        others = {n: _get(agg, n, T, q) for n in ("self_reward", "self_reward_lc") if n in agg}
+        qm = _get(agg, mr, T, q)
+        holds = ok(qm, *others.values()) and bool(others) and all(qm > v for v in others.values())
+        spread = max([_sd(agg, n, T, q) for n in (mr, *others)] or [0.0])
+        if holds and min(qm - v for v in others.values()) <= spread:
+            holds = "weak"  # ahead on the mean, by less than the seeds' spread
+        claim("Meta-Rewarding ends with a better actor than Self-Rewarding", holds if others and ok(qm, *others.values()) else None,
+              f"actor quality at iter {T}: Meta-Rewarding {qm:.3f}; "
+              + ", ".join(f"{METHODS[n][0]} {v:.3f}" for n, v in others.items()) + f"; largest sd over seeds {spread:.3f}")
+    if sr in agg:
+        l0, lT = _get(agg, sr, 0, "actor_chars"), _get(agg, sr, T, "actor_chars")
+        llc = _get(agg, "self_reward_lc", T, "actor_chars") if "self_reward_lc" in agg else float("nan")
+        holds = ok(l0, lT) and lT > l0 and (not math.isfinite(llc) or lT > llc)
+        claim("Without length control, length inflates", holds if ok(l0, lT) else None,
+              f"Self-Rewarding length {l0:.1f} -> {lT:.1f} chars; with length control at iter {T}: {llc:.1f}")
+    ts = "temporal_self_reward"
+    if ts in agg and sr in agg and T >= 2:
+        later = range(2, T + 1)
+        g_ts = [_get(agg, ts, t, "gold_gap") for t in later]
+        g_sr = [_get(agg, sr, t, "gold_gap") for t in later]
+        s_ts = [_get(agg, ts, t, "score_gap") for t in later]
+        s_sr = [_get(agg, sr, t, "score_gap") for t in later]
+        holds = ok(*g_ts, *g_sr) and sum(g_ts) > sum(g_sr)
+        claim("Temporal anchoring keeps the chosen-rejected gap wider than Self-Rewarding", holds if ok(*g_ts, *g_sr) else None,
+              "gold gap, iterations 2.." + str(T) + ": temporal " + ", ".join(f"{x:.2f}" for x in g_ts) + "; Self-Rewarding "
+              + ", ".join(f"{x:.2f}" for x in g_sr) + " (judge-score gap: " + ", ".join(f"{x:.2f}" for x in s_ts) + " vs "
+              + ", ".join(f"{x:.2f}" for x in s_sr) + ")")
+    return out
+
+
+def findings_markdown(items: list[dict]) -> str:
+    mark = {True: "reproduced", False: "NOT reproduced", None: "not measurable",
+            "weak": "reproduced on the mean only, within the seeds' spread"}
+    return "\n".join(f"- {f['claim']}: **{mark[f['holds']]}** ({f['numbers']})" for f in items)
+
+
+def plot(agg: dict[str, list[dict]], path: str) -> None:
+    """Mean ± sd over seeds of the main metrics per iteration, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {k: label for k, label, _ in TABLE_COLUMNS}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, key in zip(axes.flat, PLOT_KEYS):
+        for name, cells in agg.items():
+            pts = [(c["iteration"], *c[key][:2]) for c in cells if key in c]
+            if pts:
+                ts, ms, sds = (list(v) for v in zip(*pts))
+                ax.errorbar(ts, ms, yerr=sds, fmt="o-", capsize=3, label=METHODS[name][0])
+        ax.set_title(titles[key])
+        ax.set_xlabel("iteration")
+        ax.set_xticks(sorted({c["iteration"] for cells in agg.values() for c in cells}))
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=80)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+def run_testbed(cfg: TestbedConfig, out: str, *, command: str = "") -> dict:
+    """Every method for every seed; writes the table, results and plots; returns the results."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    if cfg.iterations < 1 or not cfg.seeds:
+        raise UsageError("need iterations >= 1 and at least one seed")
+    methods = list(cfg.methods)
+    if not _loop_supports_temporal():
+        skipped = [m for m in methods if METHODS[m][3]]
+        if skipped:
+            _log(f"the loop has no temporal anchoring (LoopConfig.temporal); skipping {', '.join(skipped)}")
+        methods = [m for m in methods if not METHODS[m][3]]
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, "config.json"), config_dict(cfg))
+    t_start = time.time()
+    rows: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
+    timings: dict[str, float] = {}
+    for seed in cfg.seeds:
+        t0 = time.time()
+        path = build_seed(cfg, seed)
+        timings[f"seed_{seed}/seed_model"] = round(time.time() - t0, 1)
+        sets = _read_json(os.path.join(path, "eval.json"))
+        t0 = time.time()
+        m0 = _evaluate_source(cfg, os.path.join(path, "model"), os.path.join(path, "tokenizer"), sets, seed,
+                              os.path.join(path, f"gold_eval-{_eval_key(cfg)}.json"))
+        timings[f"seed_{seed}/eval_m0"] = round(time.time() - t0, 1)
+        _log(f"seed {seed}: M_0 actor quality {m0['actor_quality']:.3f}, judge acc {m0['judge_acc']:.3f}, "
+             f"meta acc {m0['meta_acc']:.3f}")
+        for name in methods:
+            t0 = time.time()
+            rows[name][seed] = run_method(cfg, name, seed, path, out, m0)
+            timings[f"seed_{seed}/{name}"] = round(time.time() - t0, 1)
+    agg = aggregate(rows, cfg.iterations)
+    found = findings(agg, cfg.iterations)
+    total = time.time() - t_start
+    results = {"config": config_dict(cfg), "command": command, "rows": rows, "aggregate": agg, "findings": found,
+               "timings_s": timings, "total_seconds": round(total, 1), "methods_skipped": sorted(set(cfg.methods) - set(methods))}
+    _write_json(os.path.join(out, "results.json"), results)
+    plot(agg, os.path.join(out, "testbed.png"))
+    body = [
+        "# Testbed results", "",
+        f"`{command}`: {len(cfg.seeds)} seed(s) {list(cfg.seeds)}, {cfg.iterations} iteration(s), "
+        f"{total / 60:.1f} minutes for this call (cached seed models and finished runs are reused; "
+        f"{len([k for k, v in timings.items() if k.endswith('/seed_model') and v > 60])} seed model(s) built). "
+        "Mean ± sd over seeds; iteration 0 is the seed model.", "",
+        markdown_table(agg), "",
+        "Findings:", "", findings_markdown(found), "",
+        "![metrics](testbed.png)", "",
+    ]
+    _write_text(os.path.join(out, "table.md"), "\n".join(body))
+    _log(f"done in {total / 60:.1f} min: {os.path.join(out, 'table.md')}")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.testbed", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one seed, tiny sizes, two iterations (a few minutes)")
+    ap.add_argument("--out", default=None, help="output directory (default runs/testbed or runs/testbed-quick)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
+    ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a TestbedConfig field by dotted name, e.g. dpo.train.learning_rate=1e-4")
+    args = ap.parse_args(argv)
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:  # compiled programs are reused by later runs
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "metajudge-testbed", "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cfg = quick_config() if args.quick else TestbedConfig()
+    sets = list(args.set)
+    if args.seeds:
+        sets.append(f"seeds={args.seeds}")
+    if args.methods:
+        sets.append(f"methods={args.methods}")
+    if args.iterations is not None:
+        sets.append(f"iterations={args.iterations}")
+    cfg = apply_overrides(cfg, sets)
+    out = args.out or ("runs/testbed-quick" if args.quick else "runs/testbed")
+    command = "python -m experiments.testbed " + " ".join(sys.argv[1:] if argv is None else argv)
+    run_testbed(cfg, out, command=command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
