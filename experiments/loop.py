@@ -303,6 +303,19 @@ def build_pairs(cfg: LoopConfig, t: int, generated: list[dict], judged: list[dic
 # --------------------------------------------------------------------------------------- loop
 
 
+def fit_batch(run: DPORunConfig, n_pairs: int, mesh: Any, what: str) -> Optional[DPORunConfig]:
+    """``run`` for ``n_pairs`` pairs: when they do not fill one batch, the batch shrinks to the
+    largest multiple of data*fsdp*grad_accum they fill; None when they fill not even that."""
+    if n_pairs >= run.batch_size:
+        return run
+    unit = mesh.shape["data"] * mesh.shape["fsdp"] * run.train.grad_accum_steps
+    batch = n_pairs // unit * unit
+    if batch:
+        print(f"{what}: {n_pairs} pairs are fewer than batch_size={run.batch_size}; training with batches of {batch}",
+              file=sys.stderr)
+    return dataclasses.replace(run, batch_size=batch) if batch else None
+
+
 def hidden_cosine(model: Any, tok: Any, pairs: list[dict], batch_size: int = 16) -> float:
     """Mean cosine similarity of chosen vs rejected responses' mean last-layer hidden states under
     ``model`` (actor pairs only): the representation-collapse diagnostic of METHODS.md."""
@@ -345,7 +358,10 @@ def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model
         print(f"iter {t}: no anchored pairs; no future model is trained", file=sys.stderr)
         return []
     future_prompts = [p for p in prompts if p["id"] in {x["id"] for x in d1}]
-    fut_cfg = cfg.future_dpo or cfg.dpo
+    fut_cfg = fit_batch(cfg.future_dpo or cfg.dpo, len(d1), mesh, f"iter {t}: future model")
+    if fut_cfg is None:
+        print(f"iter {t}: too few anchored pairs to train a future model; the chosen stay M_t's", file=sys.stderr)
+        return future_guided_pairs(d1, [], [])
     fut_fp = {**base_fp, "future_dpo": config_dict(fut_cfg)}
     # M_f is trained (or restored from its checkpoint after a kill) only if it still has to sample.
     future = _Lazy(lambda: run_dpo(model, config, tok, d1_path, os.path.join(fut_dir, "dpo"),
@@ -399,14 +415,17 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
         dpo_stage = Stage(dpo_dir, "dpo", fingerprint_of={**base_fp, "dpo": config_dict(cfg.dpo)})
         new_model = None  # M_{t+1} when this call trains it; else the evaluation loads it if needed
         if not dpo_stage.done:
-            if pair_stats.get("actor_pairs", 0) + pair_stats.get("judge_pairs", 0) == 0:
+            n_pairs = pair_stats.get("actor_pairs", 0) + pair_stats.get("judge_pairs", 0)
+            dpo_cfg = fit_batch(cfg.dpo, n_pairs, mesh, f"iter {t}: dpo")
+            if dpo_cfg is None:
                 import models
 
-                print(f"iter {t}: no preference pairs; the model is carried over unchanged", file=sys.stderr)
+                print(f"iter {t}: {n_pairs} preference pairs, too few for one batch; the model is carried over unchanged",
+                      file=sys.stderr)
                 models.save_hf(config, model, os.path.join(dpo_dir, "model"))
                 new_model = model
             else:
-                new_model = run_dpo(model, config, tok, pairs_path, dpo_dir, cfg.dpo, resume=True, mesh=mesh)
+                new_model = run_dpo(model, config, tok, pairs_path, dpo_dir, dpo_cfg, resume=True, mesh=mesh)
             dpo_stage.finish({"seconds": round(time.time() - t0, 1)})
         metrics = iteration_metrics(t, generated, judged, metajudged, pair_stats, dpo_dir)
         if cfg.evaluate.enabled:

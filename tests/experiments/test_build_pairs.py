@@ -142,3 +142,17 @@ def test_future_model_settings_start_from_the_dpo_settings():
     fut = apply_overrides(cfg, ["future_dpo.train.learning_rate=2e-5"]).future_dpo
     assert fut.train.learning_rate == 2e-5
     assert dataclasses.replace(fut, train=cfg.dpo.train) == cfg.dpo
+
+
+def test_fit_batch_shrinks_to_what_the_pairs_fill_on_the_mesh():
+    from experiments.dpo import DPORunConfig
+    from experiments.loop import fit_batch
+    from metajudge.train import TrainConfig
+
+    class Mesh:
+        shape = {"data": 2, "fsdp": 2, "tensor": 2}
+
+    run = DPORunConfig(batch_size=16, train=TrainConfig(grad_accum_steps=2))
+    assert fit_batch(run, 40, Mesh, "x") is run
+    assert fit_batch(run, 13, Mesh, "x").batch_size == 8  # multiples of data*fsdp*grad_accum = 4*2
+    assert fit_batch(run, 7, Mesh, "x") is None
