@@ -23,6 +23,7 @@ setup(
         "gguf>=0.16",
         "huggingface_hub>=0.30",
         "numpy>=1.26,<3",
+        "scipy>=1.11",
         "ml_dtypes>=0.5",
         "jinja2>=3.1",
         "tqdm>=4.66",

@@ -17,8 +17,8 @@ Fitted by penalised maximum likelihood with soft targets p_i (cross-entropy):
 
     minimise  Σ_i [softplus(z_i) - p_i·z_i] + (λ_φ/2)·φ² + (λ_0/2)·(θ² + ψ²)
 
-(softplus(z) - p·z = -p·log σ(z) - (1-p)·log(1-σ(z))). Solved by Newton's method from 0 with step
-halving (deterministic). LC = mean_i σ(θ + ψ·γ_i): the predicted win rate with the length term at 0.
+(softplus(z) - p·z = -p·log σ(z) - (1-p)·log(1-σ(z))). Solved by SciPy's exact-Hessian trust-region
+method from 0 (deterministic). LC = mean_i σ(θ + ψ·γ_i): the predicted win rate with the length term at 0.
 
 * λ_φ = ``length_l2`` (default 1.0, as sklearn's C = 1) keeps φ finite when length alone separates
   wins from losses. It is negligible against the likelihood at n in the hundreds when the judge is
@@ -88,33 +88,29 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free σ
 
 
-def _fit_logistic(
-    x: np.ndarray, p: np.ndarray, l2: np.ndarray, *, iters: int = 100, tol: float = 1e-10
-) -> np.ndarray:
+def _fit_logistic(x: np.ndarray, p: np.ndarray, l2: np.ndarray, *, tol: float = 1e-12) -> np.ndarray:
     """``β = argmin Σ_i [softplus(x_i·β) - p_i·x_i·β] + ½·Σ_j l2_j·β_j²`` (soft labels, ridge).
 
-    Newton from β = 0 with step halving: g = Xᵀ(σ(Xβ) - p) + l2⊙β,
-    H = Xᵀ·diag(σ(1-σ))·X + diag(l2).
-    Every l2_j > 0, so H is positive definite and the minimiser unique and finite.
+    Solved by SciPy's exact-Hessian trust-region method (``scipy.optimize.minimize``,
+    ``trust-exact``) from β = 0 with g = Xᵀ(σ(Xβ) - p) + l2⊙β and
+    H = Xᵀ·diag(σ(1-σ))·X + diag(l2). Every l2_j > 0, so the objective is strictly convex and the
+    minimiser unique and finite. (scikit-learn's ``LogisticRegression`` takes neither soft targets
+    nor a separate penalty per coefficient, both of which this fit needs.)
     """
+    from scipy.optimize import minimize
 
-    def objective(b: np.ndarray) -> float:
+    def fun(b: np.ndarray) -> tuple[float, np.ndarray]:
         z = x @ b
-        return float(np.sum(_softplus(z) - p * z) + 0.5 * np.dot(l2 * b, b))
+        return float(np.sum(_softplus(z) - p * z) + 0.5 * np.dot(l2 * b, b)), x.T @ (_sigmoid(z) - p) + l2 * b
 
-    beta = np.zeros(x.shape[1])
-    for _ in range(iters):
-        q = _sigmoid(x @ beta)
-        g = x.T @ (q - p) + l2 * beta
-        h = (x.T * (q * (1.0 - q))) @ x + np.diag(l2)
-        step = np.linalg.solve(h, -g)
-        t, base = 1.0, objective(beta)
-        while objective(beta + t * step) > base and t > 1e-8:
-            t *= 0.5
-        beta = beta + t * step
-        if np.max(np.abs(t * step)) < tol:
-            break
-    return beta
+    def hess(b: np.ndarray) -> np.ndarray:
+        q = _sigmoid(x @ b)
+        return (x.T * (q * (1.0 - q))) @ x + np.diag(l2)
+
+    res = minimize(fun, np.zeros(x.shape[1]), jac=True, hess=hess, method="trust-exact", options={"gtol": tol})
+    if not np.all(np.isfinite(res.x)):
+        raise FloatingPointError(f"the length-controlled fit did not converge: {res.message}")
+    return res.x
 
 
 @dataclass(frozen=True)
