@@ -12,7 +12,9 @@ import time
 import pytest
 
 ENV = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
-CMD = [sys.executable, "-m", "experiments.meta_reward", "--preset", "tiny"]
+# The held-out evaluation stage has its own tests (test_evaluate_cli); off here to keep the suite short.
+NO_EVAL = ["--set", "evaluate.enabled=false"]
+CMD = [sys.executable, "-m", "experiments.meta_reward", "--preset", "tiny", *NO_EVAL]
 
 
 def _run(out, *extra, timeout=600):

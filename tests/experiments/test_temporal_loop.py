@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from tests.experiments.test_meta_reward import ENV, _kill_when, _pairs
+from tests.experiments.test_meta_reward import ENV, NO_EVAL, _kill_when, _pairs
 
-TEMPORAL = [sys.executable, "-m", "experiments.temporal_self_reward", "--preset", "tiny"]
-COMBINED = [sys.executable, "-m", "experiments.meta_reward", "--preset", "tiny", "--set", "temporal=true"]
+TEMPORAL = [sys.executable, "-m", "experiments.temporal_self_reward", "--preset", "tiny", *NO_EVAL]
+COMBINED = [sys.executable, "-m", "experiments.meta_reward", "--preset", "tiny", "--set", "temporal=true", *NO_EVAL]
 
 
 def _run(cmd, out, *extra):
