@@ -153,20 +153,18 @@ def _generation_eos_ids(directory: str) -> list[int]:
 def load_tokenizer(source: str) -> Tokenizer:
     """Loads the tokenizer of any ``load_model`` source."""
     kind, path = resolve_source(source)
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     if kind == "gguf":
-        try:
-            hf = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
-        except Exception as e:
-            raise LoadError(f"{path}: could not read the tokenizer embedded in the GGUF ({type(e).__name__}: {e})") from None
+        hf = _gguf_tokenizer(path)
         extra = _im_end_ids(hf)
         return Tokenizer(hf=hf, extra_eos_ids=extra, source=path)
     template = _chat_template_from_dir(path)
     extra = _generation_eos_ids(path)
     if os.path.exists(os.path.join(path, "tokenizer.json")):
+        from transformers import AutoTokenizer
+
         try:
             hf = AutoTokenizer.from_pretrained(path)
         except Exception as e:
@@ -183,6 +181,58 @@ def load_tokenizer(source: str) -> Tokenizer:
             raise LoadError(f"{sp_path}: not a SentencePiece model ({e})") from None
         return Tokenizer(sp=sp, chat_template=template, extra_eos_ids=extra, source=path)
     raise LoadError(f"{path}: no tokenizer.json or tokenizer.model found")
+
+
+def tokenizer_cache_dir() -> str:
+    """Where tokenizers converted from GGUF files are kept: ``$METAJUDGE_CACHE/tokenizers``
+    (default ``~/.cache/metajudge/tokenizers``)."""
+    root = os.environ.get("METAJUDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "metajudge")
+    return os.path.join(root, "tokenizers")
+
+
+def _gguf_tokenizer(path: str) -> Any:
+    """The transformers tokenizer embedded in a GGUF file.
+
+    Building it means parsing the file's whole metadata and converting the vocabulary (~8 s for
+    SmolLM2's 49k tokens), so the result is saved once as a ``tokenizer.json`` directory, keyed
+    by the file's path, size and modification time and by the transformers version, and later
+    loads read that (~0.3 s). A cache that cannot be written is skipped with a log line.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    st = os.stat(path)
+    key = hashlib.sha256(
+        f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    cached = os.path.join(tokenizer_cache_dir(), f"{os.path.basename(path)}-{key}")
+    if os.path.exists(os.path.join(cached, "tokenizer.json")):
+        try:
+            # The fast-tokenizer class directly: AutoTokenizer would import torch (~3 s) to find it.
+            return PreTrainedTokenizerFast.from_pretrained(cached)
+        except Exception as e:  # a damaged cache entry: rebuild it from the GGUF
+            log.warning("%s: unreadable cached tokenizer (%s); rebuilding it", cached, e)
+            shutil.rmtree(cached, ignore_errors=True)
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    except Exception as e:
+        raise LoadError(f"{path}: could not read the tokenizer embedded in the GGUF ({type(e).__name__}: {e})") from None
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(cached))
+        hf.save_pretrained(tmp)
+        try:
+            os.replace(tmp, cached)  # atomic; fails if another process put its copy there first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        log.info("tokenizer cache %s not written (%s)", cached, e)
+    return hf
 
 
 def _im_end_ids(hf: Any) -> list[int]:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -52,17 +51,12 @@ def test_tiny_preset_runs_every_stage_and_writes_the_report(straight_run):
 
 
 def _kill_when(out, path, timeout=600, cmd=CMD):
-    proc = subprocess.Popen([*cmd, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not os.path.exists(os.path.join(out, path)):
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before {path} appeared: {proc.stderr.read()[-2000:]}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError(f"{path} never appeared")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    """Runs ``cmd`` until it has written ``out/path`` and SIGKILLs it right there (tests.experiments.crash)."""
+    assert cmd[1] == "-m"
+    crash = [cmd[0], "-m", "tests.experiments.crash", path, *cmd[2:], "--out", str(out)]
+    res = subprocess.run(crash, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    assert res.returncode == -signal.SIGKILL, f"run ended before {path} appeared: {res.stderr[-2000:]}"
+    assert os.path.exists(os.path.join(out, path))
 
 
 def test_sigkill_inside_and_between_stages_resumes_to_the_same_pairs(straight_run, tmp_path):

@@ -12,12 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-CMD = [sys.executable, "-m", "experiments.meta_reward", "--preset", "tiny"]
+# The held-out evaluation stage has its own tests (test_evaluate_cli); off here to keep the suite short.
+CMD = [sys.executable, "-m", "experiments.meta_reward", "--preset", "tiny", "--set", "evaluate.enabled=false"]
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("METAJUDGE_")}
 BASE_ENV.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
@@ -36,8 +36,10 @@ def _free_port() -> int:
             return port
 
 
-def _start(out, processes: int, devices: int) -> list[subprocess.Popen]:
-    """``processes`` processes of the tiny loop with ``devices`` fake CPU devices each (logs beside ``out``)."""
+def _start(out, processes: int, devices: int, crash_second_after: str = "") -> list[subprocess.Popen]:
+    """``processes`` processes of the tiny loop with ``devices`` fake CPU devices each (logs beside ``out``);
+    with ``crash_second_after``, process 1 SIGKILLs itself once it has passed the write of that file
+    (tests.experiments.crash)."""
     env = dict(BASE_ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if processes > 1:
         env.update(METAJUDGE_COORDINATOR=f"127.0.0.1:{_free_port()}", METAJUDGE_NUM_PROCESSES=str(processes))
@@ -45,7 +47,10 @@ def _start(out, processes: int, devices: int) -> list[subprocess.Popen]:
     for i in range(processes):
         penv = dict(env, METAJUDGE_PROCESS_ID=str(i)) if processes > 1 else env
         log = open(f"{out}.{i}.log", "a")
-        procs.append(subprocess.Popen([*CMD, "--out", str(out)], env=penv, stdout=log, stderr=subprocess.STDOUT, text=True))
+        cmd = [*CMD, "--out", str(out)]
+        if i == 1 and crash_second_after:
+            cmd = [cmd[0], "-m", "tests.experiments.crash", crash_second_after, *cmd[2:]]
+        procs.append(subprocess.Popen(cmd, env=penv, stdout=log, stderr=subprocess.STDOUT, text=True))
     return procs
 
 
@@ -59,20 +64,20 @@ def _finish(out, procs: list[subprocess.Popen]) -> None:
         assert p.wait(timeout=1200) == 0, _log(out, i)
 
 
-def _kill_second_inside_judge(out, procs: list[subprocess.Popen]) -> dict:
-    """SIGKILLs process 1 once the judge stage (2 shards) has written its first shard; returns the
-    survivor's exit status and whether the stage was still unfinished."""
-    shard = os.path.join(out, "iter_1", "judge", "shard_00000.jsonl")
-    while not os.path.exists(shard):
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError(f"a process ended before {shard} appeared: {_log(out, 0)}")
-        time.sleep(0.05)
-    procs[1].send_signal(signal.SIGKILL)
-    unfinished = not os.path.exists(os.path.join(out, "iter_1", "judge", "manifest.json"))
+JUDGE_SHARD_0 = os.path.join("iter_1", "judge", "shard_00000.jsonl")
+
+
+def _second_killed_inside_judge(out, procs: list[subprocess.Popen]) -> dict:
+    """Waits for process 1, started to die right after the judge stage's first shard (of 2), and
+    for the survivor; returns the survivor's exit status and whether the stage was left unfinished
+    with its first shard written."""
+    assert procs[1].wait(timeout=600) == -signal.SIGKILL, _log(out, 1)
     try:  # the survivor fails at its next collective and exits by itself instead of hanging
         rc = procs[0].wait(timeout=600)
     finally:
         procs[0].kill()
+    unfinished = (os.path.exists(os.path.join(out, JUDGE_SHARD_0))
+                  and not os.path.exists(os.path.join(out, "iter_1", "judge", "manifest.json")))
     return {"survivor_rc": rc, "stage_unfinished": unfinished}
 
 
@@ -102,8 +107,8 @@ def runs(tmp_path_factory):
     restarted with the same command."""
     root = tmp_path_factory.mktemp("multihost")
     out = {name: root / name for name in ("single", "pair", "killed")}
-    procs = {"single": _start(out["single"], 1, 4), "pair": _start(out["pair"], 2, 2), "killed": _start(out["killed"], 2, 2)}
-    kill = _kill_second_inside_judge(out["killed"], procs["killed"])
+    procs = {"single": _start(out["single"], 1, 4), "pair": _start(out["pair"], 2, 2), "killed": _start(out["killed"], 2, 2, crash_second_after=JUDGE_SHARD_0)}
+    kill = _second_killed_inside_judge(out["killed"], procs["killed"])
     procs["killed"] = _start(out["killed"], 2, 2)
     for name, ps in procs.items():
         _finish(out[name], ps)

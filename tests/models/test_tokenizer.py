@@ -37,6 +37,32 @@ def test_tokenizer_json_directory_matches_the_gguf_tokenizer(tmp_path, embedded_
     assert from_dir.eos_token_ids == from_gguf.eos_token_ids
 
 
+def test_gguf_tokenizer_is_cached_and_a_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, embedded_hf):
+    import glob
+
+    from models.tokenizer import tokenizer_cache_dir
+
+    _, hf_tok = embedded_hf
+    monkeypatch.setenv("METAJUDGE_CACHE", str(tmp_path))
+    texts = ["Self-rewarding models judge themselves: Score: 4", "Ünïcödé, 日本語 and  two  spaces\n\ttab",
+             "<|im_start|>user\nhi<|im_end|>"]
+    first = models.load_tokenizer(models.EMBEDDED_NAME)  # converts from the GGUF and writes the cache
+    entries = glob.glob(f"{tokenizer_cache_dir()}/*/tokenizer.json")
+    assert len(entries) == 1
+    with open(entries[0], "w") as f:
+        f.write("{ not json")  # a damaged entry is rebuilt, not fatal
+    rebuilt = models.load_tokenizer(models.EMBEDDED_NAME)
+    cached = models.load_tokenizer(models.EMBEDDED_NAME)  # read from the cache
+    for tok in (first, rebuilt, cached):
+        for text in texts:
+            ids = hf_tok.encode(text, add_special_tokens=False)
+            assert tok.encode(text) == ids and tok.decode(ids, skip_special_tokens=False) == hf_tok.decode(ids)
+        rendered = hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+        assert tok.apply_chat_template(CHAT) == hf_tok.encode(rendered, add_special_tokens=False)
+        assert tok.eos_token_ids == first.eos_token_ids and tok.vocab_size == len(hf_tok)
+    assert not glob.glob(f"{tokenizer_cache_dir()}/.tmp-*")
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_dir(tmp_path_factory):
     import sentencepiece as spm
