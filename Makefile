@@ -24,8 +24,12 @@ $(VENV)/.installed-dev: setup.py $(VENV)/.installed-base
 run: $(VENV)/.installed-base
 	$(BIN)/python -m experiments.meta_reward --preset smollm2_cpu --out runs/meta_reward-smollm2_cpu $(RUN_ARGS)
 
+# Two workers, one test file each at a time (module fixtures stay in one process): compilation is
+# single-threaded, so two of them keep both cores busy.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.sampler

@@ -33,7 +33,7 @@ setup(
         "tpu": ["jax[tpu]>=0.6.1,<0.12"],
         "cuda": ["jax[cuda12]>=0.6.1,<0.12"],
         "tfds": ["tensorflow-datasets>=4.9"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0",
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0",
                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )
