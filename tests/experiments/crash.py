@@ -18,6 +18,12 @@ import signal
 import sys
 
 
+def crash_command(cmd: list[str], suffix: str) -> list[str]:
+    """``cmd`` (``[python, "-m", MODULE, ARGS...]``) run under this module, dying after ``suffix``."""
+    assert cmd[1] == "-m", cmd
+    return [cmd[0], "-m", "tests.experiments.crash", suffix, *cmd[2:]]
+
+
 def _die_if(path: object, suffix: str) -> None:
     if os.fspath(path).endswith(suffix):
         sys.stdout.flush()

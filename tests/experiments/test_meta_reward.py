@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from tests.experiments.crash import crash_command
+
 ENV = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
 # The held-out evaluation stage has its own tests (test_evaluate_cli); off here to keep the suite short.
 NO_EVAL = ["--set", "evaluate.enabled=false"]
@@ -52,9 +54,8 @@ def test_tiny_preset_runs_every_stage_and_writes_the_report(straight_run):
 
 def _kill_when(out, path, timeout=600, cmd=CMD):
     """Runs ``cmd`` until it has written ``out/path`` and SIGKILLs it right there (tests.experiments.crash)."""
-    assert cmd[1] == "-m"
-    crash = [cmd[0], "-m", "tests.experiments.crash", path, *cmd[2:], "--out", str(out)]
-    res = subprocess.run(crash, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    res = subprocess.run(crash_command([*cmd, "--out", str(out)], path), env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, timeout=timeout)
     assert res.returncode == -signal.SIGKILL, f"run ended before {path} appeared: {res.stderr[-2000:]}"
     assert os.path.exists(os.path.join(out, path))
 

@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.experiments.crash import crash_command
+
 # The held-out evaluation stage has its own tests (test_evaluate_cli); off here to keep the suite short.
 CMD = [sys.executable, "-m", "experiments.meta_reward", "--preset", "tiny", "--set", "evaluate.enabled=false"]
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("METAJUDGE_")}
@@ -49,7 +51,7 @@ def _start(out, processes: int, devices: int, crash_second_after: str = "") -> l
         log = open(f"{out}.{i}.log", "a")
         cmd = [*CMD, "--out", str(out)]
         if i == 1 and crash_second_after:
-            cmd = [cmd[0], "-m", "tests.experiments.crash", crash_second_after, *cmd[2:]]
+            cmd = crash_command(cmd, crash_second_after)
         procs.append(subprocess.Popen(cmd, env=penv, stdout=log, stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -107,7 +109,8 @@ def runs(tmp_path_factory):
     restarted with the same command."""
     root = tmp_path_factory.mktemp("multihost")
     out = {name: root / name for name in ("single", "pair", "killed")}
-    procs = {"single": _start(out["single"], 1, 4), "pair": _start(out["pair"], 2, 2), "killed": _start(out["killed"], 2, 2, crash_second_after=JUDGE_SHARD_0)}
+    procs = {"single": _start(out["single"], 1, 4), "pair": _start(out["pair"], 2, 2),
+             "killed": _start(out["killed"], 2, 2, crash_second_after=JUDGE_SHARD_0)}
     kill = _second_killed_inside_judge(out["killed"], procs["killed"])
     procs["killed"] = _start(out["killed"], 2, 2)
     for name, ps in procs.items():
