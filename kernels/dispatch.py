@@ -53,16 +53,41 @@ def attention_mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids
     return mask
 
 
-def _xla_attention(q_btnh, k_bksh, v_bksh, mask_bts) -> Array:
+def xla_attention(q_btnh: Array, k_bksh: Array, v_bksh: Array, mask_bts: Array, *, query_block: int = 0) -> Array:
+    """Grouped-query attention in plain XLA, without repeating K/V (``G = N // K``).
+
+    Each KV head's ``T * G`` queries are the rows of one ``[T*G, H] x [S, H]^T`` batched matmul:
+    4-D batched matmuls stay on XLA:CPU's fast path, where a 5-D ``btkgh`` einsum does not.
+    ``query_block > 0`` is for self-attention over a row in index order (``S == T`` and
+    ``mask[b, i, j]`` false for every ``j > i``): queries go in blocks of that many, and a block
+    reads only the keys up to its last query, so the ``[T, S]`` scores are never materialized
+    whole and the masked upper triangle is skipped (measured on the 2-core CPU, SmolLM2 shapes,
+    4 x 512 tokens, forward + backward of one layer: 327 ms whole, 134 ms in blocks of 128).
+    Fully masked query rows return zeros.
+    """
+    t = q_btnh.shape[1]
+    if query_block <= 0 or t <= query_block:
+        return _grouped_attention(q_btnh, k_bksh, v_bksh, mask_bts)
+    if k_bksh.shape[2] != t:
+        raise ValueError(f"query_block needs self-attention (S == T), got T={t}, S={k_bksh.shape[2]}")
+    outs = []
+    for i in range(0, t, query_block):
+        e = min(t, i + query_block)
+        outs.append(_grouped_attention(q_btnh[:, i:e], k_bksh[:, :, :e], v_bksh[:, :, :e], mask_bts[:, i:e, :e]))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _grouped_attention(q_btnh: Array, k_bksh: Array, v_bksh: Array, mask_bts: Array) -> Array:
     b, t, n, h = q_btnh.shape
     kh = k_bksh.shape[1]
-    q = q_btnh.reshape(b, t, kh, n // kh, h)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_bksh).astype(jnp.float32) * (1.0 / math.sqrt(h))
-    m = mask_bts[:, None, None, :, :]
-    probs = jax.nn.softmax(jnp.where(m, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    probs = jnp.where(m, probs, 0.0).astype(v_bksh.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh)
-    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+    g = n // kh
+    q = q_btnh.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+    scores = jnp.einsum("bkmh,bksh->bkms", q, k_bksh, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+    m = mask_bts[:, None, :, None, :]
+    scores = jnp.where(m, scores.reshape(b, kh, t, g, -1), jnp.finfo(jnp.float32).min)
+    probs = jnp.where(m, jax.nn.softmax(scores, axis=-1), 0.0).astype(v_bksh.dtype).reshape(b, kh, t * g, -1)
+    out = jnp.einsum("bkms,bksh->bkmh", probs, v_bksh)
+    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 def attention(
@@ -87,7 +112,7 @@ def attention(
     q_pos = jnp.asarray(q_positions, jnp.int32)
     kv_pos = jnp.asarray(kv_positions, jnp.int32)
     if resolve_impl(impl) == "xla":
-        return _xla_attention(q_btnh, k_bksh, v_bksh, attention_mask(q_pos, kv_pos, q_segment_ids, kv_segment_ids))
+        return xla_attention(q_btnh, k_bksh, v_bksh, attention_mask(q_pos, kv_pos, q_segment_ids, kv_segment_ids))
 
     b, t = q_btnh.shape[:2]
     if t == 1 and kv_segment_ids is None:  # one sampled token against the cache

@@ -8,7 +8,9 @@ The forward pass is driven by positions and segment ids, never by a dense mask f
 a query attends to a key when both are in the same segment (segment id 0 is padding and attends to
 nothing) and the key's position is not after the query's. The KV cache stores the position of
 every slot (``-1`` for empty or padding slots), so a batch of prompts of different lengths shares
-one write index and decode is a single jitted step.
+one write index and decode is a single jitted step. Without a cache a row attends to itself in
+index order as well: a token never sees a later token of its row, so the XLA path can skip the
+upper triangle block by block.
 """
 
 from __future__ import annotations
@@ -229,19 +231,16 @@ def attention_mask(q_pos: Array, k_pos: Array, q_seg: Optional[Array], k_seg: Op
     return mask
 
 
-def dot_product_attention(q_btnh: Array, k_bksh: Array, v_bksh: Array, mask_bts: Array) -> Array:
-    """Grouped-query attention without repeating K/V. Fully masked query rows return zeros."""
-    b, t, n, h = q_btnh.shape
-    kh = k_bksh.shape[1]
-    q = q_btnh.reshape(b, t, kh, n // kh, h)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_bksh).astype(jnp.float32)
-    scores = scores * (1.0 / math.sqrt(h))
-    m = mask_bts[:, None, None, :, :]
-    scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(m, probs, 0.0).astype(v_bksh.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_bksh)
-    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+# Queries per block when a row attends to itself (no cache): see `kernels.dispatch.xla_attention`.
+SELF_ATTENTION_QUERY_BLOCK = 128
+
+
+def dot_product_attention(q_btnh: Array, k_bksh: Array, v_bksh: Array, mask_bts: Array, query_block: int = 0) -> Array:
+    """Grouped-query attention without repeating K/V. Fully masked query rows return zeros.
+
+    ``query_block > 0``: self-attention in index order (no key after its query is visible), run in
+    query blocks that skip the masked upper triangle (`kernels.dispatch.xla_attention`)."""
+    return attention_kernels.xla_attention(q_btnh, k_bksh, v_bksh, mask_bts, query_block=query_block)
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -294,7 +293,11 @@ class Attention(nnx.Module):
         if attention_kernels.resolve_impl(self.config.attention_impl) == "pallas":
             out = self.pallas_attention(q, k.astype(dt), v.astype(dt), pos_bt, kv_pos, seg_bt, kv_seg)
         else:
-            out = dot_product_attention(q, k.astype(dt), v.astype(dt), attention_mask(pos_bt, kv_pos, seg_bt, kv_seg))
+            mask, block = attention_mask(pos_bt, kv_pos, seg_bt, kv_seg), 0
+            if layer_cache is None:  # a row attending to itself: never to a later token (as in Hugging Face)
+                t = pos_bt.shape[1]
+                mask, block = mask & jnp.tril(jnp.ones((t, t), bool))[None], SELF_ATTENTION_QUERY_BLOCK
+            out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask, query_block=block)
         out = jnp.einsum("btnh,nhd->btd", out, self.o_proj_nhd.value.astype(dt))
         return out, new_cache
 
