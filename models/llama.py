@@ -222,13 +222,9 @@ class KVCache:
 def attention_mask(q_pos: Array, k_pos: Array, q_seg: Optional[Array], k_seg: Optional[Array]) -> Array:
     """``[B, T, S]`` boolean: same segment (0 = padding), key position valid and not in the future.
 
-    Keys without segment ids (the KV cache) only need a live query (``q_seg != 0``)."""
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
-    if q_seg is not None:
-        mask &= q_seg[:, :, None] != 0
-        if k_seg is not None:
-            mask &= q_seg[:, :, None] == k_seg[:, None, :]
-    return mask
+    Keys without segment ids (the KV cache) only need a live query (``q_seg != 0``). The rule is
+    the one the attention kernels implement (`kernels.dispatch.attention_mask`)."""
+    return attention_kernels.attention_mask(q_pos, k_pos, q_seg, k_seg)
 
 
 # Queries per block when a row attends to itself (no cache): see `kernels.dispatch.xla_attention`.
