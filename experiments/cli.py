@@ -47,15 +47,21 @@ def run_main(fn: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> No
 
     A multi-process run starts ``jax.distributed`` first. When one of its processes fails it
     exits at once instead of waiting at ``jax.distributed``'s shutdown barrier for processes that
-    may be gone (the others fail at their next collective and exit likewise).
+    may be gone (the others fail at their next collective and exit likewise). A failure that every
+    process reaches at the same point (settings that differ between them) is the exception: they
+    leave through the barrier together, so process 0 does not take the coordination service down
+    while the others still poll it.
     """
-    from models.distributed import initialize, is_initialized
+    from models.distributed import initialize, is_initialized, shutdown
 
     try:
         initialize()
         rc = fn() if argv is None else fn(argv)
     except _user_errors() as e:
         print(f"error: {error_message(e)}", file=sys.stderr)
+        if getattr(e, "every_process", False):  # all processes failed together: leave together
+            sys.stderr.flush()
+            shutdown()
         _exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

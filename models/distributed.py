@@ -50,7 +50,15 @@ ENV_VARS = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
 
 
 class DistributedSetupError(ValueError):
-    """The multi-process settings are incomplete or invalid; the message names what to fix."""
+    """The multi-process settings are incomplete or invalid; the message names what to fix.
+
+    ``every_process``: raised by every process at the same point (a collective check such as
+    :func:`check_same`), so the processes can leave through :func:`shutdown` together.
+    """
+
+    def __init__(self, message: str, *, every_process: bool = False):
+        super().__init__(message)
+        self.every_process = every_process
 
 
 # ----------------------------------------------------------------------------------- start-up
@@ -158,6 +166,16 @@ def initialize(environ: Optional[Mapping[str, str]] = None) -> bool:
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1
+
+
+def shutdown() -> None:
+    """Leaves ``jax.distributed`` at its shutdown barrier (every process must call it).
+
+    For a failure that every process reaches at the same point: leaving one by one instead lets
+    process 0 take the coordination service down while the others still poll it, and they are
+    aborted (no exit code of their own)."""
+    if is_initialized():
+        jax.distributed.shutdown()
 
 
 # ------------------------------------------------------------------------------ who does what
@@ -286,5 +304,6 @@ def check_same(obj: Any, what: str) -> None:
     if differ:
         raise DistributedSetupError(
             f"{what} differ between processes (process 0 vs {', '.join(map(str, differ))}): "
-            "start every process with the same command line"
+            "start every process with the same command line",
+            every_process=True,
         )
