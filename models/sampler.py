@@ -53,7 +53,7 @@ from flax import nnx
 
 from models.distributed import put_global, to_host
 from kernels.dispatch import resolve_impl
-from models.llama import Llama, rope_inv_freq
+from models.llama import Llama, rope_inv_freq, rope_tables, rotate_halves
 from models.sharding import ShardingContext, constrain
 
 log = logging.getLogger(__name__)
@@ -191,15 +191,6 @@ def _head_weights(model: Llama) -> Array:
     return model.lm_head_dv[...]
 
 
-def _rope(x_btnh: Array, cos_bt12h: Array, sin_bt12h: Array) -> Array:
-    """`models.llama.apply_rope`: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``, written as
-    ``x * [c, c] + swap_halves(x) * [-s, s]`` with tables built once per call (XLA:CPU runs the
-    concatenate of the plain form as a slow single-core loop, and would recompute cos/sin per layer)."""
-    b, t, n, h = x_btnh.shape
-    x = x_btnh.astype(jnp.float32).reshape(b, t, n, 2, h // 2)
-    return (x * cos_bt12h + x[:, :, :, ::-1, :] * sin_bt12h).reshape(b, t, n, h).astype(x_btnh.dtype)
-
-
 def _attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array) -> Array:
     """Grouped-query attention against the cache without repeating K/V (``G = N // K``).
 
@@ -227,9 +218,7 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
     dt = jnp.dtype(c.dtype)
     b, t = tokens_bt.shape
     d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    angles = pos_bt.astype(jnp.float32)[:, :, None, None, None] * jnp.asarray(rope_inv_freq(c))  # [B, T, 1, 1, H/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    cos, sin = jnp.concatenate([cos, cos], axis=3), jnp.concatenate([-sin, sin], axis=3)  # [B, T, 1, 2, H/2]
+    cos, sin = rope_tables(pos_bt, rope_inv_freq(c))  # once per call, not per layer
     slot_pos = jax.lax.dynamic_update_slice(cache.pos, jnp.where(seg_bt != 0, pos_bt, -1), (0, cache.end))
     mask = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] <= pos_bt[:, :, None]) & (seg_bt != 0)[:, :, None]
     x = jnp.take(model.embedding_vd[...], tokens_bt.reshape(b * t), axis=0).astype(dt)  # [B*T, D]
@@ -239,8 +228,8 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
     for i, blk in enumerate(model.layers):
         with jax.named_scope(f"layer_{i}"):
             a, y = blk.attn, blk.input_norm(x)
-            q = _rope((y @ w2(a.q_proj_dnh, d)).reshape(b, t, n, h), cos, sin)
-            kk = _rope((y @ w2(a.k_proj_dkh, d)).reshape(b, t, k, h), cos, sin)
+            q = rotate_halves((y @ w2(a.q_proj_dnh, d)).reshape(b, t, n, h), cos, sin)
+            kk = rotate_halves((y @ w2(a.k_proj_dkh, d)).reshape(b, t, k, h), cos, sin)
             kk = kk.transpose(0, 2, 3, 1) if cache.keys_last else kk.transpose(0, 2, 1, 3)  # [B, K, H, T] or [B, K, T, H]
             vv = (y @ w2(a.v_proj_dkh, d)).reshape(b, t, k, h).transpose(0, 2, 1, 3)  # [B, K, T, H]
             at = (0, 0, 0, cache.end) if cache.keys_last else (0, 0, cache.end, 0)
