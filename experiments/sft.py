@@ -183,7 +183,7 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
 
     from metajudge.checkpoint import CheckpointManager
     from metajudge.data import make_dataset
-    from metajudge.train import TrainStep, abstract_train_state, batch_rows, init_train_state
+    from metajudge.train import TrainStep, abstract_train_state, batch_rows, first_loss_position, init_train_state
     from models.distributed import is_primary
     from models.loading import save_hf
 
@@ -218,7 +218,8 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
     else:
         state = init_train_state(model, train, mesh)
         _truncate_metrics(metrics_path, 0)
-    step_fn = TrainStep(kind, train, state, mesh, batch_size=run.batch_size)
+    # Every example is known up front, so one compiled step skips the loss-free prompt prefix of all.
+    step_fn = TrainStep(kind, train, state, mesh, batch_size=run.batch_size, loss_from=first_loss_position(examples, kind))
     extra = {"kind": kind, "run": config_dict(run), "model": dataclasses.asdict(config)}
 
     bar = tqdm(total=steps, initial=start, desc=kind, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not is_primary())

@@ -14,6 +14,11 @@ Reference log-probs for DPO come with the batch (``ref_chosen_logp`` / ``ref_rej
 no reference model is held in memory; :func:`compute_reference_logps` fills them in once per
 dataset.
 
+Logits are computed only from ``loss_from`` on (a static position, :func:`first_loss_position` of
+the dataset): the LM head and log-softmax over prompt tokens that carry no loss are skipped (a
+quarter of the head for a 128-token prompt in a 512-token row). A batch with a loss token before
+``loss_from`` is refused, never silently truncated.
+
 On a mesh spanning several processes, batch rows are split over ``("data", "fsdp")`` and each
 process feeds only the rows its devices hold (:func:`batch_rows`; ``TrainStep.put_batch``
 also takes the whole global batch and keeps those rows). Parameters, optimizer state, step and
@@ -42,6 +47,7 @@ Array = jax.Array
 Batch = dict[str, Any]
 
 DECAYS = ("cosine", "linear", "constant")
+LOSS_FROM_MULTIPLE = 8  # loss_from is rounded down to this, so the head's matmul keeps aligned rows
 _DPO_FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
@@ -228,14 +234,27 @@ def abstract_train_state(model: nnx.Module, cfg: TrainConfig, mesh: Optional[Mes
 # ----------------------------------------------------------------------------------- the steps
 
 
-def _forward(graphdef, params, inputs, positions, segment_ids) -> Array:
-    return nnx.merge(graphdef, params)(inputs, positions=positions, segment_ids=segment_ids)
+def first_loss_position(rows: Sequence[dict] | Batch, kind: str = "dpo") -> int:
+    """The earliest position holding a loss token in any row (``"sft"`` or ``"dpo"`` rows, or a
+    batch of them), rounded down to a multiple of ``LOSS_FROM_MULTIPLE``: the ``loss_from`` a
+    :class:`TrainStep` may use for them. 0 when no row has a loss token."""
+    keys = ("loss_mask",) if kind == "sft" else ("chosen_loss_mask", "rejected_loss_mask")
+    masks = [rows[k] for k in keys] if isinstance(rows, dict) else [r[k] for r in rows for k in keys]
+    firsts = [int(np.argmax(row)) for m in masks for row in np.atleast_2d(np.asarray(m)) if np.any(row)]
+    return min(firsts, default=0) // LOSS_FROM_MULTIPLE * LOSS_FROM_MULTIPLE
 
 
-def _sft_micro_loss(params, mb, *, graphdef, n_total):
+def _forward(graphdef, params, inputs, positions, segment_ids, loss_from: int = 0) -> Array:
+    """Logits ``[B, T - loss_from, V]``: the hidden states of every position, the head from ``loss_from``."""
+    model = nnx.merge(graphdef, params)
+    h, _ = model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
+    return model.logits(h[:, loss_from:])
+
+
+def _sft_micro_loss(params, mb, *, graphdef, n_total, loss_from: int):
     """Micro-batch cross-entropy weighted by its share of the batch's loss tokens."""
-    logits = _forward(graphdef, params, mb["inputs"], mb["positions"], mb["segment_ids"])
-    loss, m = sft_loss(logits, mb["targets"], mb["loss_mask"])
+    logits = _forward(graphdef, params, mb["inputs"], mb["positions"], mb["segment_ids"], loss_from)
+    loss, m = sft_loss(logits, mb["targets"][:, loss_from:], mb["loss_mask"][:, loss_from:])
     share = m["n_tokens"] / n_total
     return loss * share, {"loss": loss * share, "accuracy": m["accuracy"] * share, "n_tokens": m["n_tokens"]}
 
@@ -246,10 +265,16 @@ def _interleave(mb: Batch, field: str) -> Array:
     return jnp.stack([c, r], axis=1).reshape((-1,) + c.shape[1:])
 
 
-def _dpo_micro_loss(params, mb, *, graphdef, n_total, cfg: TrainConfig):
+def _pair_logps(graphdef, params, mb: Batch, loss_from: int) -> Array:
+    """``[B, 2]`` chosen/rejected response log-prob sums, from one forward over both."""
+    logits = _forward(graphdef, params, *(_interleave(mb, f) for f in ("inputs", "positions", "segment_ids")), loss_from)
+    targets, mask = (_interleave(mb, f)[:, loss_from:] for f in ("targets", "loss_mask"))
+    return sequence_logps(logits, targets, mask).reshape(-1, 2)
+
+
+def _dpo_micro_loss(params, mb, *, graphdef, n_total, cfg: TrainConfig, loss_from: int):
     """One forward over chosen and rejected rows; DPO loss weighted by the micro-batch's share of pairs."""
-    logits = _forward(graphdef, params, *(_interleave(mb, f) for f in ("inputs", "positions", "segment_ids")))
-    logps = sequence_logps(logits, _interleave(mb, "targets"), _interleave(mb, "loss_mask")).reshape(-1, 2)
+    logps = _pair_logps(graphdef, params, mb, loss_from)
     loss, m = dpo_loss(
         logps[:, 0], logps[:, 1], mb["ref_chosen_logp"], mb["ref_rejected_logp"],
         beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type,
@@ -297,16 +322,16 @@ def _update(state: TrainState, grads, metrics: dict, cfg: TrainConfig) -> tuple[
     return new, metrics
 
 
-def _sft_update(state: TrainState, batch: Batch, *, cfg: TrainConfig, constrain_mb) -> tuple[TrainState, dict]:
+def _sft_update(state: TrainState, batch: Batch, *, cfg: TrainConfig, constrain_mb, loss_from: int) -> tuple[TrainState, dict]:
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    loss_fn = functools.partial(_sft_micro_loss, graphdef=state.graphdef, n_total=n_total)
+    loss_fn = functools.partial(_sft_micro_loss, graphdef=state.graphdef, n_total=n_total, loss_from=loss_from)
     grads, metrics = _accumulate(loss_fn, state.params, batch, cfg.grad_accum_steps, constrain_mb)
     return _update(state, grads, metrics, cfg)
 
 
-def _dpo_update(state: TrainState, batch: Batch, *, cfg: TrainConfig, constrain_mb) -> tuple[TrainState, dict]:
+def _dpo_update(state: TrainState, batch: Batch, *, cfg: TrainConfig, constrain_mb, loss_from: int) -> tuple[TrainState, dict]:
     loss_fn = functools.partial(
-        _dpo_micro_loss, graphdef=state.graphdef, n_total=batch["chosen_inputs"].shape[0], cfg=cfg
+        _dpo_micro_loss, graphdef=state.graphdef, n_total=batch["chosen_inputs"].shape[0], cfg=cfg, loss_from=loss_from
     )
     grads, metrics = _accumulate(loss_fn, state.params, batch, cfg.grad_accum_steps, constrain_mb)
     return _update(state, grads, metrics, cfg)
@@ -328,8 +353,8 @@ def batch_rows(mesh: Optional[Mesh], batch_size: int) -> tuple[int, int]:
     return process_rows(batch_sharding(mesh), batch_size)
 
 
-def _jit_update(kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh], batch_sharding) -> Callable:
-    update = _sft_update if kind == "sft" else _dpo_update
+def _jit_update(kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh], batch_sharding, loss_from: int) -> Callable:
+    update = functools.partial(_sft_update if kind == "sft" else _dpo_update, loss_from=loss_from)
     if mesh is None:
         return jax.jit(functools.partial(update, cfg=cfg, constrain_mb=lambda mb: mb), donate_argnums=0)
     constrain_mb = lambda mb: jax.lax.with_sharding_constraint(mb, batch_sharding)
@@ -347,22 +372,27 @@ class TrainStep:
     The state argument is donated: use only the returned state afterwards. Metrics come back as
     Python floats; a non-finite loss/gradient/update raises :class:`TrainingDiverged` (carrying
     the unchanged state) instead of returning.
+
+    ``loss_from``: no row of any batch has a loss token before this position (take it from
+    :func:`first_loss_position` of the dataset); logits are computed from there on only.
     """
 
     def __init__(self, kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None,
-                 batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None, loss_from: int = 0):
         if kind not in ("sft", "dpo"):
             raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
-        self.kind, self.cfg, self.mesh = kind, cfg, mesh
+        if loss_from < 0:
+            raise ValueError(f"loss_from must be >= 0, got {loss_from}")
+        self.kind, self.cfg, self.mesh, self.loss_from = kind, cfg, mesh, int(loss_from)
         self.batch_size = batch_size  # rows per step over all processes (None: whatever each batch has)
         self.batch_sharding = None if mesh is None else batch_sharding(mesh)
         # One jitted function per (kind, config, mesh, state layout): a later run with the same setup
         # (the next DPO iteration, say) reuses the compiled step instead of compiling it again.
-        key = (kind, cfg, mesh, jax.tree.structure(state), tuple(x.shape for x in jax.tree.leaves(state)))
+        key = (kind, cfg, mesh, self.loss_from, jax.tree.structure(state), tuple(x.shape for x in jax.tree.leaves(state)))
         if key not in _STEP_CACHE:
             if len(_STEP_CACHE) >= 8:
                 _STEP_CACHE.pop(next(iter(_STEP_CACHE)))  # the oldest
-            _STEP_CACHE[key] = _jit_update(kind, cfg, state, mesh, self.batch_sharding)
+            _STEP_CACHE[key] = _jit_update(kind, cfg, state, mesh, self.batch_sharding, self.loss_from)
         self.jitted = _STEP_CACHE[key]
 
     @property
@@ -380,6 +410,11 @@ class TrainStep:
         if missing:
             hint = " (fill them with compute_reference_logps)" if "ref_chosen_logp" in missing else ""
             raise ValueError(f"{self.kind} batch lacks {', '.join(missing)}{hint}")
+        if self.loss_from and any(np.any(np.asarray(batch[k])[:, : self.loss_from]) for k in batch if k.endswith("loss_mask")):
+            raise ValueError(
+                f"a {self.kind} batch has loss tokens before position loss_from={self.loss_from}; build the "
+                f"step with loss_from=first_loss_position(all rows) (or 0)"
+            )
         rows = len(next(iter(batch.values())))
         total = self.batch_size or rows
         need = self.data_parallel * self.cfg.grad_accum_steps
@@ -420,28 +455,23 @@ def _batch_keys(kind: str) -> tuple[str, ...]:
     return tuple(f"{s}_{f}" for s in ("chosen", "rejected") for f in _DPO_FIELDS) + ("ref_chosen_logp", "ref_rejected_logp")
 
 
-def make_sft_step(cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None) -> TrainStep:
+def make_sft_step(cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None, *, loss_from: int = 0) -> TrainStep:
     """The jitted SFT step (masked token cross-entropy) for states shaped like ``state``."""
-    return TrainStep("sft", cfg, state, mesh)
+    return TrainStep("sft", cfg, state, mesh, loss_from=loss_from)
 
 
-def make_dpo_step(cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None) -> TrainStep:
+def make_dpo_step(cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = None, *, loss_from: int = 0) -> TrainStep:
     """The jitted DPO step (reference log-probs from the batch) for states shaped like ``state``."""
-    return TrainStep("dpo", cfg, state, mesh)
+    return TrainStep("dpo", cfg, state, mesh, loss_from=loss_from)
 
 
 # ------------------------------------------------------------------------- reference log-probs
 
 
 @functools.lru_cache(maxsize=8)
-def _pair_scorer(graphdef) -> Callable:
+def _pair_scorer(graphdef, loss_from: int) -> Callable:
     """Jitted ``(params, batch) -> [B, 2]`` chosen/rejected log-prob sums (cached per model layout)."""
-
-    def score(params, b):
-        logits = _forward(graphdef, params, *(_interleave(b, f) for f in ("inputs", "positions", "segment_ids")))
-        return sequence_logps(logits, _interleave(b, "targets"), _interleave(b, "loss_mask")).reshape(-1, 2)
-
-    return jax.jit(score)
+    return jax.jit(functools.partial(_pair_logps, graphdef, loss_from=loss_from))
 
 
 def compute_reference_logps(
@@ -461,7 +491,7 @@ def compute_reference_logps(
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         batch_size = math.ceil(batch_size / dp) * dp
         sharding = batch_sharding(mesh)
-    score = _pair_scorer(graphdef)
+    score = _pair_scorer(graphdef, first_loss_position(dataset_rows, "dpo"))
     keys = _batch_keys("dpo")[:-2]
     out: list[dict] = []
     for start in range(0, len(dataset_rows), batch_size):

@@ -11,8 +11,8 @@ from flax import nnx
 import models
 from experiments.cli import UsageError, apply_overrides
 from metajudge.train import (
-    TrainConfig, TrainingDiverged, compute_reference_logps, init_train_state, make_dpo_step, make_schedule,
-    make_sft_step,
+    TrainConfig, TrainingDiverged, compute_reference_logps, first_loss_position, init_train_state, make_dpo_step,
+    make_schedule, make_sft_step,
 )
 
 CFG = models.get_config("tiny")  # vocab 256, width 64, 2 layers
@@ -161,6 +161,63 @@ def test_reference_logps_match_a_direct_forward_and_pad_the_last_batch():
     want = sequence_logps(logits, jnp.asarray(b["chosen_targets"]), jnp.asarray(b["chosen_loss_mask"]))
     np.testing.assert_allclose([g["ref_chosen_logp"] for g in got], want, rtol=1e-5)
     assert len(got) == 11 and all(g["ref_rejected_logp"] < 0 for g in got)
+
+
+def test_first_loss_position_is_the_earliest_loss_token_rounded_down_to_8():
+    rng = np.random.default_rng(0)
+    rows = [_row(rng, 14, 6), _row(rng, 20, 3)]  # loss from 13 and from 19
+    assert first_loss_position(stack(rows), "sft") == 8
+    assert first_loss_position(rows[1:], "sft") == 16
+    empty = dict(rows[0], loss_mask=np.zeros(T, np.float32))
+    assert first_loss_position([empty, rows[1]], "sft") == 16
+    assert first_loss_position([empty], "sft") == 0
+    pair = {**{f"chosen_{k}": v for k, v in rows[1].items()}, **{f"rejected_{k}": v for k, v in rows[0].items()}}
+    assert first_loss_position([pair]) == 8  # the rejected side starts earlier
+
+
+def _long_prompt_pairs(seed: int, n: int = 8) -> list[dict]:
+    """Pairs whose prompts are 12..15 tokens: no loss before position 11, so loss_from is 8."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        p = int(rng.integers(12, 16))
+        c, r = _row(rng, p, int(rng.integers(2, T - p + 1))), _row(rng, p, int(rng.integers(2, T - p + 1)))
+        out.append({**{f"chosen_{k}": v for k, v in c.items()}, **{f"rejected_{k}": v for k, v in r.items()}})
+    return out
+
+
+def _numpy_logps(model, b: dict, side: str) -> np.ndarray:
+    """Response log-prob sums from a full forward, log-softmax in float64 numpy."""
+    logits = np.asarray(model(jnp.asarray(b[f"{side}_inputs"]), positions=jnp.asarray(b[f"{side}_positions"]),
+                              segment_ids=jnp.asarray(b[f"{side}_segment_ids"])), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, b[f"{side}_targets"][..., None], -1)[..., 0]
+    return (picked * b[f"{side}_loss_mask"]).sum(-1)
+
+
+def test_dpo_from_loss_from_equals_the_full_head_and_refuses_earlier_loss_tokens():
+    model = models.create_model(CFG, seed=0)
+    rows = _long_prompt_pairs(6)
+    assert first_loss_position(rows) == 8
+    rows = compute_reference_logps(model, rows, batch_size=8)  # scores from position 8 on
+    b = stack(rows)
+    for side in ("chosen", "rejected"):
+        np.testing.assert_allclose(b[f"ref_{side}_logp"], _numpy_logps(model, b, side), rtol=1e-5)
+    # Reference = policy, so shift the stored values to make the step's gradient nonzero.
+    b["ref_chosen_logp"] = b["ref_chosen_logp"] + np.linspace(-2, 2, 8, dtype=np.float32)
+    states, metrics = [], []
+    for loss_from in (0, 8):
+        state = init_train_state(model, STD)
+        state, m = make_dpo_step(STD, state, loss_from=loss_from)(state, b)
+        states.append(state)
+        metrics.append(m)
+    np.testing.assert_allclose(metrics[1]["loss"], metrics[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics[1]["grad_norm"], metrics[0]["grad_norm"], rtol=1e-5)
+    for a, c in zip(flat_params(states[0]), flat_params(states[1])):
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="loss tokens before position loss_from=16; build the step with"):
+        make_dpo_step(STD, states[1], loss_from=16)(states[1], b)
 
 
 def test_set_overrides_parse_dotted_names_with_the_field_types():
