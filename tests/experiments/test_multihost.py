@@ -104,17 +104,17 @@ def _assert_same_results(out, ref) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three runs at once (they share the machine's cores): 1 process x 4 fake CPU devices; 2
-    processes x 2; and 2 x 2 of which process 1 is killed inside the judge stage, then the pair
-    restarted with the same command."""
+    """1 process x 4 fake CPU devices and 2 processes x 2, side by side (they share the machine's
+    cores); then, once the pair has left its programs in the persistent compile cache, 2 x 2 again
+    with process 1 killed inside the judge stage, and the pair restarted with the same command."""
     root = tmp_path_factory.mktemp("multihost")
     out = {name: root / name for name in ("single", "pair", "killed")}
-    procs = {"single": _start(out["single"], 1, 4), "pair": _start(out["pair"], 2, 2),
-             "killed": _start(out["killed"], 2, 2, crash_second_after=JUDGE_SHARD_0)}
-    kill = _second_killed_inside_judge(out["killed"], procs["killed"])
+    procs = {"single": _start(out["single"], 1, 4), "pair": _start(out["pair"], 2, 2)}
+    _finish(out["pair"], procs["pair"])
+    kill = _second_killed_inside_judge(out["killed"], _start(out["killed"], 2, 2, crash_second_after=JUDGE_SHARD_0))
     procs["killed"] = _start(out["killed"], 2, 2)
-    for name, ps in procs.items():
-        _finish(out[name], ps)
+    for name in ("single", "killed"):
+        _finish(out[name], procs[name])
     return {**out, **kill}
 
 
