@@ -177,17 +177,13 @@ def rope_tables(positions_bt: Array, inv_freq: np.ndarray) -> tuple[Array, Array
 
 
 def rotate_halves(x_btnh: Array, cos: Array, sin: Array) -> Array:
-    """RoPE with :func:`rope_tables`: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``, written as
+    """RoPE on the two halves of each head (the Hugging Face Llama layout), tables from
+    :func:`rope_tables`: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``, written as
     ``x * [c, c] + swap_halves(x) * [-s, s]`` (one fused elementwise pass: XLA:CPU runs the
     split-and-concatenate form as a slow single-threaded loop, forward and backward)."""
     b, t, n, h = x_btnh.shape
     x = x_btnh.astype(jnp.float32).reshape(b, t, n, 2, h // 2)
     return (x * cos + x[:, :, :, ::-1, :] * sin).reshape(b, t, n, h).astype(x_btnh.dtype)
-
-
-def apply_rope(x_btnh: Array, positions_bt: Array, inv_freq: np.ndarray) -> Array:
-    """Rotates the two halves of each head (the Hugging Face Llama layout)."""
-    return rotate_halves(x_btnh, *rope_tables(positions_bt, inv_freq))
 
 
 # -------------------------------------------------------------------------------------- KV cache
