@@ -39,12 +39,14 @@ def sft_batch(seed: int, b: int = 8) -> dict:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def dpo_rows(seed: int, n: int = 8) -> list[dict]:
+def dpo_rows(seed: int, n: int = 8, prompt_lens: tuple[int, int] = (2, 8)) -> list[dict]:
+    """``n`` pairs, each with a prompt of ``prompt_lens[0] <= p < prompt_lens[1]`` tokens."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        p = int(rng.integers(2, 8))
-        c, r = _row(rng, p, int(rng.integers(4, T - 8))), _row(rng, p, int(rng.integers(4, T - 8)))
+        p = int(rng.integers(*prompt_lens))
+        most = min(T - 8, T - p + 1)
+        c, r = _row(rng, p, int(rng.integers(4, most))), _row(rng, p, int(rng.integers(4, most)))
         out.append({**{f"chosen_{k}": v for k, v in c.items()}, **{f"rejected_{k}": v for k, v in r.items()}})
     return out
 
@@ -175,17 +177,6 @@ def test_first_loss_position_is_the_earliest_loss_token_rounded_down_to_8():
     assert first_loss_position([pair]) == 8  # the rejected side starts earlier
 
 
-def _long_prompt_pairs(seed: int, n: int = 8) -> list[dict]:
-    """Pairs whose prompts are 12..15 tokens: no loss before position 11, so loss_from is 8."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        p = int(rng.integers(12, 16))
-        c, r = _row(rng, p, int(rng.integers(2, T - p + 1))), _row(rng, p, int(rng.integers(2, T - p + 1)))
-        out.append({**{f"chosen_{k}": v for k, v in c.items()}, **{f"rejected_{k}": v for k, v in r.items()}})
-    return out
-
-
 def _numpy_logps(model, b: dict, side: str) -> np.ndarray:
     """Response log-prob sums from a full forward, log-softmax in float64 numpy."""
     logits = np.asarray(model(jnp.asarray(b[f"{side}_inputs"]), positions=jnp.asarray(b[f"{side}_positions"]),
@@ -198,7 +189,7 @@ def _numpy_logps(model, b: dict, side: str) -> np.ndarray:
 
 def test_dpo_from_loss_from_equals_the_full_head_and_refuses_earlier_loss_tokens():
     model = models.create_model(CFG, seed=0)
-    rows = _long_prompt_pairs(6)
+    rows = dpo_rows(6, prompt_lens=(12, 16))  # no loss before position 11
     assert first_loss_position(rows) == 8
     rows = compute_reference_logps(model, rows, batch_size=8)  # scores from position 8 on
     b = stack(rows)
