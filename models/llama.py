@@ -270,10 +270,14 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
         self.eps = eps
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, axis: int = -1) -> Array:
+        """Normalizes over ``axis``: the last (rows of features) or 0 (feature-major ``[D, ...]``)."""
+        if axis not in (-1, 0):
+            raise ValueError(f"RMSNorm normalizes over axis -1 or 0, not {axis}")
         xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.scale.value.astype(x.dtype) * xf.astype(x.dtype)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=axis, keepdims=True) + self.eps)
+        scale = self.scale.value.astype(x.dtype)
+        return (scale if axis == -1 else scale.reshape((-1,) + (1,) * (x.ndim - 1))) * xf.astype(x.dtype)
 
 
 class Attention(nnx.Module):

@@ -23,6 +23,21 @@ def tiny():
     return models.create_model(TINY, seed=3)
 
 
+def tied_model(seed: int):
+    """A tiny model with a tied embedding, scaled down so that a token does not simply predict itself
+    (at the default scale its own logit dominates and greedy decoding repeats it with log-prob 0)."""
+    model = models.create_model(TINY.replace(tie_word_embeddings=True), seed=seed)
+    model.embedding_vd.value = model.embedding_vd.value * 0.05
+    return model
+
+
+@pytest.fixture(params=["feature_major", "row_major"])
+def layout(request, monkeypatch):
+    """Runs a test with both decode layouts: feature-major (CPU's default) and row-major (accelerators')."""
+    monkeypatch.setattr(sampler, "_FEATURE_MAJOR", request.param == "feature_major")
+    return request.param
+
+
 def prompts_of(lengths, seed=0):
     rs = np.random.default_rng(seed)
     return [rs.integers(3, TINY.vocab_size, size=n).tolist() for n in lengths]
@@ -107,18 +122,52 @@ def assert_frequencies_match(draws, p, what):
 # ------------------------------------------------------------------------------------- greedy
 
 
-def test_greedy_matches_plain_forward_and_logprobs(tiny):
+@pytest.mark.parametrize("tied", [False, True])
+def test_greedy_matches_plain_forward_and_logprobs(tiny, layout, tied):
+    model = tied_model(3) if tied else tiny
     prompts = prompts_of([5, 17, 40, 3])
-    toks, lens, lps = sampler.generate(tiny, prompts, max_new_tokens=24, temperature=0.0)
+    toks, lens, lps = sampler.generate(model, prompts, max_new_tokens=24, temperature=0.0)
     assert toks.shape == (4, 24) and lps.shape == (4, 24) and (lens == 24).all()
     for i, p in enumerate(prompts):
-        assert toks[i].tolist() == naive_greedy(tiny, p, 24)
-        ref = log_softmax(full_logits(tiny, [p + toks[i].tolist()])[0])
+        assert toks[i].tolist() == naive_greedy(model, p, 24)
+        ref = log_softmax(full_logits(model, [p + toks[i].tolist()])[0])
         want = ref[np.arange(len(p) - 1, len(p) + 23), toks[i]]
         np.testing.assert_allclose(lps[i], want, atol=2e-4)
 
 
-def test_greedy_does_not_depend_on_batch_composition(tiny):
+def test_decoding_follows_new_parameters_not_stale_copies(layout, monkeypatch):
+    """The decode weights (transposed copies) are kept per model; after the parameters change,
+    generation must use the new ones."""
+    model, other = tied_model(11), tied_model(12)  # tied: row-major copies the head too
+    prompt = prompts_of([7], seed=31)[0]
+
+    def check(reference):
+        toks, _, lps = sampler.generate(model, [prompt], max_new_tokens=10, temperature=0.0)
+        assert toks[0].tolist() == naive_greedy(reference, prompt, 10)
+        ref = log_softmax(full_logits(reference, [prompt + toks[0].tolist()])[0])
+        np.testing.assert_allclose(lps[0], ref[np.arange(len(prompt) - 1, len(prompt) + 9), toks[0]], atol=2e-4)
+        return lps[0]
+
+    made, real_run = [], sampler._run
+
+    def spy(name, *args, **kw):
+        made.extend([name] if name == "decode_weights" else [])
+        return real_run(name, *args, **kw)
+
+    monkeypatch.setattr(sampler, "_run", spy)
+    before = check(model)
+    check(model)
+    assert len(made) == 1  # the copies are made once while the parameters stay the same
+    nnx.update(model, nnx.state(other))
+    after = check(other)
+    assert len(made) == 2 and np.abs(after - before).max() > 0.1  # the two models are far apart
+
+
+def test_decode_layout_is_feature_major_on_cpu_by_default(tiny):
+    assert sampler._FEATURE_MAJOR is None and sampler._feature_major(tiny) == (jax.default_backend() == "cpu")
+
+
+def test_greedy_does_not_depend_on_batch_composition(tiny, layout):
     target = prompts_of([6], seed=1)[0]
     alone, _, _ = sampler.generate(tiny, [target], max_new_tokens=20, temperature=0.0)
     crowd = prompts_of([90, 33, 150], seed=2) + [target]
@@ -280,7 +329,7 @@ def test_score_equals_log_softmax_sum_of_a_plain_forward(tiny):
     np.testing.assert_allclose(totals, out.total, atol=1e-5)
 
 
-def test_generate_logprobs_agree_with_score(tiny):
+def test_generate_logprobs_agree_with_score(tiny, layout):
     prompts = prompts_of([6, 14], seed=12)
     toks, lens, lps = sampler.generate(tiny, prompts, max_new_tokens=10, temperature=0.9, rng=jax.random.key(4))
     totals = sampler.score(tiny, prompts, [t[:n].tolist() for t, n in zip(toks, lens)])
@@ -290,7 +339,7 @@ def test_generate_logprobs_agree_with_score(tiny):
 # ---------------------------------------------------------------------------------------- mesh
 
 
-def test_generate_and_score_under_a_mesh_match_one_device():
+def test_generate_and_score_under_a_mesh_match_one_device(layout):
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     sharded = models.create_model(TINY, seed=3, mesh=mesh)
     plain = models.create_model(TINY, seed=3)
