@@ -75,12 +75,17 @@ def machine_peaks() -> dict:
 
     a = jnp.ones((2048, 2048), jnp.float32)
     peak = 2 * 2048**3 / best(jax.jit(lambda x: x @ x), a)
+    # Decode-shaped matmuls in both layouts the sampler knows: rows x @ W, and W^T @ x (feature-major).
     xs, ws = jnp.ones((64, 576), jnp.float32), [jnp.full((576, 1536), 1e-3, jnp.float32) for _ in range(40)]
-    chain = jax.jit(lambda x, ws: sum(jnp.sum(x @ w) for w in ws))
-    decode_rate = 40 * 2 * 64 * 576 * 1536 / best(chain, xs, ws)
+    rows = 40 * 2 * 64 * 576 * 1536 / best(jax.jit(lambda x, ws: sum(jnp.sum(x @ w) for w in ws)), xs, ws)
+    del ws
+    xs, ws = jnp.ones((576, 64), jnp.float32), [jnp.full((1536, 576), 1e-3, jnp.float32) for _ in range(40)]
+    cols = 40 * 2 * 64 * 576 * 1536 / best(jax.jit(lambda x, ws: sum(jnp.sum(w @ x) for w in ws)), xs, ws)
+    del ws
     big = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
     bandwidth = big.nbytes / best(jax.jit(jnp.sum), big, n=3)
-    return dict(matmul_flops=peak, decode_matmul_flops=decode_rate, read_bytes_s=bandwidth)
+    return dict(matmul_flops=peak, decode_matmul_flops=max(rows, cols), decode_rows_flops=rows, decode_cols_flops=cols,
+                read_bytes_s=bandwidth)
 
 
 def prompts_for(tokenizer, n: int) -> list[list[int]]:
@@ -144,7 +149,8 @@ def main() -> None:
     with BackgroundLoad() as load:
         peaks = machine_peaks()
     print(f"peaks: matmul {peaks['matmul_flops'] / 1e9:.0f} GFLOP/s (2048^3), decode-shaped matmul "
-          f"{peaks['decode_matmul_flops'] / 1e9:.0f} GFLOP/s (64x576x1536), read {peaks['read_bytes_s'] / 1e9:.1f} GB/s; "
+          f"{peaks['decode_rows_flops'] / 1e9:.0f} GFLOP/s as x[64,576] @ W[576,1536], "
+          f"{peaks['decode_cols_flops'] / 1e9:.0f} as W^T[1536,576] @ x^T[576,64]; read {peaks['read_bytes_s'] / 1e9:.1f} GB/s; "
           f"other load {load.cores:.2f}")
     config, model = models.load_model(models.EMBEDDED_NAME)
     tokenizer = models.load_tokenizer(models.EMBEDDED_NAME)
