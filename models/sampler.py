@@ -7,8 +7,10 @@ How a call runs (the measurements behind each choice are in the docstrings):
 
 1. Prompts are right-padded to a *prompt bucket* and prefilled into a preallocated KV cache, in
    chunks for long prompts. Padding slots hold position ``-1`` and are masked, so rows of different
-   lengths share one write index. A prefix shared by all prompts (a system prompt) is prefilled once
-   and copied to every row. Only each prompt's last hidden state goes through the LM head.
+   lengths share one write index. A prefix shared by all prompts (a system prompt, a judge's rubric)
+   is prefilled once and kept once in the cache: every row attends to it with one matmul per KV
+   head, and the rows' slots hold only the rest. Only each prompt's last hidden state goes through
+   the LM head.
 2. The prefill rows are gathered to ``B * n_samples`` decode rows (one prefill per prompt, however
    many samples), and every row's first token is sampled.
 3. Decoding runs inside one ``lax.while_loop`` per *capacity bucket*: the cache holds only as many
@@ -165,13 +167,21 @@ class _DecodeCache:
     """The decode-time KV cache. Keys: ``[B, K, H, S]`` with XLA attention (``keys_last``), so
     ``q . k`` is a plain matmul (2x faster on XLA:CPU than contracting the minor axis of
     ``[B, K, S, H]``); ``[B, K, S, H]`` for the Pallas kernels. Values ``[B, K, S, H]``; ``pos``
-    ``[B, S]`` (``-1``: empty or padding) and ``end`` as in `models.llama.KVCache`."""
+    ``[B, S]`` (``-1``: empty or padding) and ``end`` as in `models.llama.KVCache`.
+
+    ``prefix_k`` ``[K, H, P]``, ``prefix_v`` ``[K, P, H]`` and ``prefix_pos`` ``[P]`` (XLA attention
+    only; empty lists and ``None`` otherwise) hold a prompt prefix shared by every row, stored once:
+    every row attends to it before its own slots, which hold the rest of its tokens.
+    """
 
     k: list[Array]
     v_bksh: list[Array]
     pos: Array
     end: Array
     keys_last: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    prefix_k: list[Array] = dataclasses.field(default_factory=list)
+    prefix_v: list[Array] = dataclasses.field(default_factory=list)
+    prefix_pos: Optional[Array] = None
 
     @property
     def capacity(self) -> int:
@@ -183,7 +193,9 @@ def _cache_axes(cache: _DecodeCache) -> _DecodeCache:
     kv = ("batch", "act_kv_heads", "cache_length", None)
     kt = ("batch", "act_kv_heads", None, "cache_length") if cache.keys_last else kv
     return _DecodeCache(k=[kt] * len(cache.k), v_bksh=[kv] * len(cache.v_bksh), pos=("batch", "cache_length"), end=(),
-                        keys_last=cache.keys_last)
+                        keys_last=cache.keys_last, prefix_k=[("act_kv_heads", None, None)] * len(cache.prefix_k),
+                        prefix_v=[("act_kv_heads", None, None)] * len(cache.prefix_v),
+                        prefix_pos=None if cache.prefix_pos is None else (None,))
 
 
 @jax.tree_util.register_dataclass
@@ -262,19 +274,32 @@ def _decode_weights(model: Llama, graphdef, state) -> _DecodeWeights:
     return weights
 
 
-def _attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array) -> Array:
+def _attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array,
+               prefix: Optional[tuple[Array, Array, Array]] = None) -> Array:
     """Grouped-query attention against the cache without repeating K/V (``G = N // K``).
 
     Each KV head's ``G * T`` queries form the rows of one ``[G*T, H] x [H, S]`` matmul: 4-D batched
     matmuls stay on XLA:CPU's fast path (a 5-D ``btkgh`` einsum falls off it, ~10x slower).
+    ``prefix``: ``(keys [K, H, P], values [K, P, H], visible [P])`` shared by every row, attended
+    before the row's own slots in the same softmax. Its products are one ``[B*G*T, H] x [H, P]``
+    matmul per KV head, so the shared keys and values are read once, not once per row.
     """
     b, t, n, h = q_btnh.shape
     kh, g = k_bkhs.shape[1], n // k_bkhs.shape[1]
     q = q_btnh.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
     scores = jnp.einsum("bkmh,bkhs->bkms", q, k_bkhs, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores.reshape(b, kh, g, t, -1), _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype).reshape(b, kh, g * t, -1)
-    out = jnp.einsum("bkms,bksh->bkmh", probs, v_bksh, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores.reshape(b, kh, g, t, -1), _NEG).reshape(b, kh, g * t, -1)
+    if prefix is not None:
+        pk, pv, visible = prefix
+        shared = jnp.einsum("bkmh,khp->bkmp", q, pk, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+        scores = jnp.concatenate([jnp.where(visible, shared, _NEG), scores], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
+    if prefix is None:
+        out = jnp.einsum("bkms,bksh->bkmh", probs, v_bksh, preferred_element_type=jnp.float32)
+    else:
+        p = pk.shape[-1]
+        out = (jnp.einsum("bkmp,kph->bkmh", probs[..., :p], pv, preferred_element_type=jnp.float32)
+               + jnp.einsum("bkms,bksh->bkmh", probs[..., p:], v_bksh, preferred_element_type=jnp.float32))
     return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
@@ -316,7 +341,10 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
             k_cache = jax.lax.dynamic_update_slice(cache.k[i], kk.astype(cache.k[i].dtype), at)
             v_cache = jax.lax.dynamic_update_slice(cache.v_bksh[i], vv.astype(cache.v_bksh[i].dtype), (0, 0, cache.end, 0))
             if cache.keys_last:
-                o = _attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
+                prefix = None
+                if cache.prefix_k:
+                    prefix = (cache.prefix_k[i].astype(dt), cache.prefix_v[i].astype(dt), cache.prefix_pos >= 0)
+                o = _attention(q, k_cache.astype(dt), v_cache.astype(dt), mask, prefix)
             else:  # the Pallas kernels (decode kernel for one token), per device on a mesh
                 o = a.pallas_attention(q, k_cache.astype(dt), v_cache.astype(dt), pos_bt, slot_pos, seg_bt, None)
             o = o.reshape(b * t, n * h)
@@ -328,7 +356,7 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
             new_v.append(v_cache)
     x = model.final_norm(x, axis)
     x = (x.T if fm else x).reshape(b, t, d)
-    return x, _DecodeCache(k=new_k, v_bksh=new_v, pos=slot_pos, end=cache.end + t, keys_last=cache.keys_last)
+    return x, dataclasses.replace(cache, k=new_k, v_bksh=new_v, pos=slot_pos, end=cache.end + t)
 
 
 def _logits(model: Llama, weights: _DecodeWeights, h_bd: Array) -> Array:
@@ -507,8 +535,7 @@ def _decode_fn(graphdef, mode, state, weights, cache, rows, knobs):
 def _copy_rows_fn(ctx, cache, src_r):
     """Rows ``src_r`` of a cache."""
     rows = lambda x: jnp.take(x, src_r, axis=0)
-    cache = _DecodeCache(k=[rows(x) for x in cache.k], v_bksh=[rows(x) for x in cache.v_bksh], pos=rows(cache.pos),
-                         end=cache.end, keys_last=cache.keys_last)
+    cache = dataclasses.replace(cache, k=[rows(x) for x in cache.k], v_bksh=[rows(x) for x in cache.v_bksh], pos=rows(cache.pos))
     return _constrain_tree(ctx, cache, _cache_axes(cache))
 
 
@@ -521,9 +548,9 @@ def _grow_fn(ctx, capacity, cache):
         shape[axis] = capacity
         return jax.lax.dynamic_update_slice(jnp.full(shape, fill, x.dtype), x, (0,) * x.ndim)
 
-    cache = _DecodeCache(
-        k=[grow(x, 3 if cache.keys_last else 2) for x in cache.k], v_bksh=[grow(x, 2) for x in cache.v_bksh],
-        pos=grow(cache.pos, 1, -1), end=cache.end, keys_last=cache.keys_last,
+    cache = dataclasses.replace(
+        cache, k=[grow(x, 3 if cache.keys_last else 2) for x in cache.k], v_bksh=[grow(x, 2) for x in cache.v_bksh],
+        pos=grow(cache.pos, 1, -1),
     )
     return _constrain_tree(ctx, cache, _cache_axes(cache))
 
@@ -593,22 +620,32 @@ def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]],
     return cache, h_last
 
 
+def _prefix_fn(ctx, rows: _DecodeCache, first: _DecodeCache) -> _DecodeCache:
+    """The empty cache ``rows`` with the first row of the prefilled ``first`` as its shared prefix."""
+    cache = dataclasses.replace(rows, prefix_k=[x[0] for x in first.k], prefix_v=[x[0] for x in first.v_bksh],
+                                prefix_pos=first.pos[0])
+    return _constrain_tree(ctx, cache, _cache_axes(cache))
+
+
 def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int, buckets: Buckets):
     """The prompts' KV cache ``[bp, ...]`` and the hidden state of each prompt's last token.
 
-    A prefix shared by every prompt (a system prompt, say) of at least ``buckets.min_shared_prefix``
-    tokens is prefilled once and its cache rows copied to every prompt.
+    A prefix shared by every prompt (a system prompt, a judge's rubric) of at least
+    ``buckets.min_shared_prefix`` tokens is prefilled once. With XLA attention it stays in the cache
+    once, as its shared prefix (the rows' slots hold only the rest); the Pallas kernels read rows
+    only, so there its cache rows are copied to every prompt.
     """
     c, ctx = model.config, _shard_ctx(model)
     shared = min(_shared_prefix(prompts), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
     shared = shared if shared >= buckets.min_shared_prefix else 0
     head = _prompt_bucket(shared, buckets) if shared else 0
-    capacity = bucket(head + _prompt_bucket(max(map(len, prompts)) - shared, buckets) + 1, buckets.min_capacity, buckets.capacity_steps)
+    keys_last = resolve_impl(c.attention_impl) == "xla"
+    rest = _prompt_bucket(max(map(len, prompts)) - shared, buckets) + 1
+    capacity = bucket(rest if keys_last else head + rest, buckets.min_capacity, buckets.capacity_steps)
     new_h = lambda rows: _full(ctx, (rows, c.hidden_size), 0, c.dtype, ("batch", "act_embed"))
 
-    def new_cache(rows):
+    def new_cache(rows, capacity):
         dt, kh, hd, layers = jnp.dtype(c.dtype), c.num_kv_heads, c.head_dim, c.num_layers
-        keys_last = resolve_impl(c.attention_impl) == "xla"
         kv = ("batch", "act_kv_heads", "cache_length", None)
         kt, k_shape = (("batch", "act_kv_heads", None, "cache_length"), (rows, kh, hd, capacity)) if keys_last else (kv, (rows, kh, capacity, hd))
         return _DecodeCache(
@@ -618,13 +655,18 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
             keys_last=keys_last,
         )
 
-    if shared:
-        one = _batch_multiple(ctx)
-        cache, _ = _prefill_part(model, graphdef, state, new_cache(one), new_h(one), [prompts[0][:shared]], 0, pad, buckets)
-        cache = _run("copy_rows", _copy_rows_fn, (ctx,), (cache, _put(ctx, np.zeros((bp,), np.int32), ("batch",))),
-                     desc=f"{one} -> {bp} rows, capacity {capacity}")
+    if not shared:
+        cache = new_cache(bp, capacity)
     else:
-        cache = new_cache(bp)
+        one = _batch_multiple(ctx)
+        first, _ = _prefill_part(model, graphdef, state, new_cache(one, head if keys_last else capacity), new_h(one),
+                                 [prompts[0][:shared]], 0, pad, buckets)
+        if keys_last:
+            cache = _run("prefix", _prefix_fn, (ctx,), (new_cache(bp, capacity), first), donate=(0, 1),
+                         desc=f"{bp} rows of capacity {capacity} after a shared prefix of {head} slots")
+        else:
+            cache = _run("copy_rows", _copy_rows_fn, (ctx,), (first, _put(ctx, np.zeros((bp,), np.int32), ("batch",))),
+                         desc=f"{one} -> {bp} rows, capacity {capacity}")
     return _prefill_part(model, graphdef, state, cache, new_h(bp), [p[shared:] for p in prompts], shared, pad, buckets)
 
 

@@ -177,17 +177,22 @@ def test_greedy_does_not_depend_on_batch_composition(tiny, layout):
     assert all(row.tolist() == alone[0].tolist() for row in twice)
 
 
-def test_shared_prefix_is_prefilled_once_with_the_same_result(tiny, monkeypatch):
+def test_shared_prefix_is_prefilled_once_with_the_same_result(tiny, layout, monkeypatch):
     system = prompts_of([21], seed=14)[0]
     prompts = [system + p for p in prompts_of([4, 11, 1], seed=15)]
     calls = spy_prefill(monkeypatch)
-    shared = sampler.generate(tiny, prompts, max_new_tokens=12, temperature=0.0)
+    new = 40  # the rows' slots grow twice (32 -> 48 -> 64) under the shared prefix
+    shared = sampler.generate(tiny, prompts, max_new_tokens=new, temperature=0.0)
     assert calls == [(1, 24), (3, 16)]  # the 21-token prefix once (24-token bucket), then the rest
-    unshared = sampler.generate(tiny, prompts, max_new_tokens=12, temperature=0.0, buckets=sampler.Buckets(min_shared_prefix=10**9))
+    unshared = sampler.generate(tiny, prompts, max_new_tokens=new, temperature=0.0, buckets=sampler.Buckets(min_shared_prefix=10**9))
     np.testing.assert_array_equal(shared[0], unshared[0])
     np.testing.assert_allclose(shared[2], unshared[2], atol=1e-4)
     for i, p in enumerate(prompts):
-        assert shared[0][i].tolist() == naive_greedy(tiny, p, 12)
+        assert shared[0][i].tolist() == naive_greedy(tiny, p, new)
+        ref = log_softmax(full_logits(tiny, [p + shared[0][i].tolist()])[0])
+        np.testing.assert_allclose(shared[2][i], ref[np.arange(len(p) - 1, len(p) + new - 1), shared[0][i]], atol=2e-4)
+    twice = sampler.generate(tiny, prompts, n_samples=2, max_new_tokens=new, temperature=0.0)
+    np.testing.assert_array_equal(twice[0], np.repeat(shared[0], 2, axis=0))
 
 
 def test_long_prompt_prefills_in_chunks_with_the_same_result(tiny):
@@ -343,7 +348,7 @@ def test_generate_and_score_under_a_mesh_match_one_device(layout):
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     sharded = models.create_model(TINY, seed=3, mesh=mesh)
     plain = models.create_model(TINY, seed=3)
-    system = prompts_of([18], seed=16)[0]  # a shared prefix exercises the copied prefill rows too
+    system = prompts_of([18], seed=16)[0]  # a shared prefix exercises the prefix cache too
     prompts = [system + p for p in prompts_of([5, 19, 8], seed=13)]
     a = sampler.generate(sharded, prompts, max_new_tokens=12, temperature=0.0)
     b = sampler.generate(plain, prompts, max_new_tokens=12, temperature=0.0)
@@ -364,7 +369,8 @@ def test_pallas_decode_kernel_path_matches_xla_greedy_alone_and_on_a_mesh(tiny, 
     monkeypatch.setattr(dispatch, "decode_attention", lambda *a, **k: traced.append(a[0].shape) or real(*a, **k))
     config = TINY.replace(attention_impl="pallas", num_layers=1)
     plain = models.create_model(config.replace(attention_impl="xla"), seed=5)
-    prompts = prompts_of([5, 11], seed=21)
+    system = prompts_of([17], seed=22)[0]  # a shared prefix: its cache rows are copied to each row
+    prompts = [system + p for p in prompts_of([5, 11], seed=21)]
     want = [naive_greedy(plain, p, 6) for p in prompts]
     for mesh in (None, make_mesh("data=2,fsdp=2,tensor=2")):
         model = models.create_model(config, seed=5, mesh=mesh)
