@@ -286,20 +286,27 @@ def _attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array,
     """
     b, t, n, h = q_btnh.shape
     kh, g = k_bkhs.shape[1], n // k_bkhs.shape[1]
+    dt, scale = v_bksh.dtype, 1.0 / math.sqrt(h)
     q = q_btnh.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-    scores = jnp.einsum("bkmh,bkhs->bkms", q, k_bkhs, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
+    scores = jnp.einsum("bkmh,bkhs->bkms", q, k_bkhs, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask_bts[:, None, None, :, :], scores.reshape(b, kh, g, t, -1), _NEG).reshape(b, kh, g * t, -1)
-    if prefix is not None:
-        pk, pv, visible = prefix
-        shared = jnp.einsum("bkmh,khp->bkmp", q, pk, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
-        scores = jnp.concatenate([jnp.where(visible, shared, _NEG), scores], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
     if prefix is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkms,bksh->bkmh", probs, v_bksh, preferred_element_type=jnp.float32)
-    else:
-        p = pk.shape[-1]
-        out = (jnp.einsum("bkmp,kph->bkmh", probs[..., :p], pv, preferred_element_type=jnp.float32)
-               + jnp.einsum("bkms,bksh->bkmh", probs[..., p:], v_bksh, preferred_element_type=jnp.float32))
+    else:  # one softmax over both parts, computed in each part's own layout (no concatenation)
+        pk, pv, visible = prefix
+        by_head = lambda x: x.transpose(1, 0, 2).reshape(kh, -1)  # [B, K, M] -> [K, B*M]
+        by_row = lambda x: x.reshape(kh, b, g * t).transpose(1, 0, 2)  # [K, B*M] -> [B, K, M]
+        qk = q.transpose(1, 0, 2, 3).reshape(kh, b * g * t, h)
+        shared = jnp.einsum("kmh,khp->kmp", qk, pk, preferred_element_type=jnp.float32) * scale  # [K, B*M, P]
+        shared = jnp.where(visible, shared, _NEG)
+        top = jnp.maximum(jnp.max(scores, axis=-1), by_row(jnp.max(shared, axis=-1)))  # [B, K, M]
+        own = jnp.exp(scores - top[..., None])
+        shared = jnp.exp(shared - by_head(top)[..., None])
+        total = jnp.sum(own, axis=-1) + by_row(jnp.sum(shared, axis=-1))
+        from_prefix = jnp.einsum("kmp,kph->kmh", shared.astype(dt), pv, preferred_element_type=jnp.float32)
+        out = jnp.einsum("bkms,bksh->bkmh", own.astype(dt), v_bksh, preferred_element_type=jnp.float32)
+        out = (out + from_prefix.reshape(kh, b, g * t, h).transpose(1, 0, 2, 3)) / total[..., None]
     return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
