@@ -220,6 +220,11 @@ class _DecodeWeights:
     layers: list[dict[str, Array]]
     feature_major: bool = dataclasses.field(metadata=dict(static=True))
 
+    @property
+    def vocab_axis(self) -> int:
+        """The vocabulary axis of the logits `_logits` makes with these weights."""
+        return 0 if self.feature_major else 1
+
 
 def _feature_major(model: Llama) -> bool:
     """Whether decoding runs feature-major: on CPU, unless ``_FEATURE_MAJOR`` says otherwise."""
@@ -509,11 +514,11 @@ def _prefill_fn(graphdef, state, cache, tokens_bt, seg_bt, pos_bt, last_b, h_las
 def _start_fn(graphdef, mode, expand, state, weights, cache, h_last, src_r, rows, knobs):
     """Gathers prefill rows to decode rows and samples every row's first token."""
     model = nnx.merge(graphdef, state)
-    logits, vocab_axis = _logits(model, weights, h_last), 0 if weights.feature_major else 1
+    logits = _logits(model, weights, h_last)
     if expand:
         cache = _copy_rows_fn(None, cache, src_r)
-        logits = jnp.take(logits, src_r, axis=1 - vocab_axis)
-    tok, lp = _sample(logits, rows.keys, rows.n, knobs, mode, vocab_axis)
+        logits = jnp.take(logits, src_r, axis=1 - weights.vocab_axis)
+    tok, lp = _sample(logits, rows.keys, rows.n, knobs, mode, weights.vocab_axis)
     cache = _constrain_tree(_shard_ctx(model), cache, _cache_axes(cache))
     return cache, _advance(rows, tok, lp, knobs)
 
@@ -533,7 +538,7 @@ def _decode_fn(graphdef, mode, state, weights, cache, rows, knobs):
         h, cache = _forward(model, cache, rows.last[:, None], pos[:, None], jnp.ones_like(pos)[:, None],
                             weights.layers if weights.feature_major else None)
         logits = _logits(model, weights, h[:, 0])
-        tok, lp = _sample(logits, rows.keys, rows.n, knobs, mode, 0 if weights.feature_major else 1)
+        tok, lp = _sample(logits, rows.keys, rows.n, knobs, mode, weights.vocab_axis)
         return cache, _advance(rows, tok, lp, knobs)
 
     return jax.lax.while_loop(cond, body, (cache, rows))
