@@ -319,11 +319,11 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
              layers: Optional[list[dict[str, Array]]] = None) -> tuple[Array, _DecodeCache]:
     """Final-norm hidden states ``[B, T, D]`` of ``T`` new tokens per row, cached from slot ``cache.end``.
 
-    The computation of ``Llama.hidden_states`` with a cache (padding: ``seg == 0``, slot position
-    ``-1``), on 2-D weights: XLA:CPU copies transposed weights for the model's 3-D einsums and runs
-    ``[B, 1, D]`` matmuls slower, which inside a decode loop costs 10-20% per step. Row-major on
-    views of the parameters, or feature-major on ``layers``, the transposed copies of
-    `_DecodeWeights`; the two differ only in the order of floating-point sums.
+    The computation of ``Llama.hidden_states`` on this module's cache (keys transposed, an optional
+    shared prefix; padding: ``seg == 0``, slot position ``-1``), with every projection one 2-D
+    matmul: row-major on views of the parameters (as `models.llama.dense`), or feature-major on
+    ``layers``, the transposed copies of `_DecodeWeights`; the two differ only in the order of
+    floating-point sums.
     """
     c, ctx = model.config, _shard_ctx(model)
     dt = jnp.dtype(c.dtype)
