@@ -6,11 +6,12 @@ responses, ``generate_text`` goes from chat messages to strings for the roles.
 How a call runs (the measurements behind each choice are in the docstrings):
 
 1. Prompts are right-padded to a *prompt bucket* and prefilled into a preallocated KV cache, in
-   chunks for long prompts. Padding slots hold position ``-1`` and are masked, so rows of different
-   lengths share one write index. A prefix shared by all prompts (a system prompt, a judge's rubric)
-   is prefilled once and kept once in the cache: every row attends to it with one matmul per KV
-   head, and the rows' slots hold only the rest. Only each prompt's last hidden state goes through
-   the LM head.
+   chunks for long prompts, and in groups of similar length so that a few long prompts do not pad
+   every row to their bucket. Padding slots hold position ``-1`` and are masked, so rows of
+   different lengths share one write index. A prefix shared by all prompts (a system prompt, a
+   judge's rubric) is prefilled once and kept once in the cache: every row attends to it with one
+   matmul per KV head, and the rows' slots hold only the rest. Only each prompt's last hidden state
+   goes through the LM head.
 2. The prefill rows are gathered to ``B * n_samples`` decode rows (one prefill per prompt, however
    many samples), and every row's first token is sampled.
 3. Decoding runs inside one ``lax.while_loop`` per *capacity bucket*: the cache holds only as many
@@ -79,6 +80,8 @@ class Buckets:
     min_new: int = 16
     min_stop_ids: int = 4
     min_shared_prefix: int = 16  # a prefix common to all prompts of at least this many tokens is prefilled once
+    prefill_group_tokens: int = 256  # prefill rows in length groups; a call costs at least this many token slots
+    max_prefill_groups: int = 8
 
 
 DEFAULT_BUCKETS = Buckets()
@@ -499,16 +502,33 @@ def _advance(rows: _Rows, tok: Array, lp: Array, knobs: dict) -> _Rows:
 # ------------------------------------------------------------------------ compiled functions
 
 
-def _prefill_fn(graphdef, state, cache, tokens_bt, seg_bt, pos_bt, last_b, h_last):
-    """One prefill chunk; keeps the hidden state of each row's last prompt token."""
+def _prefill_fn(graphdef, state, cache, tokens_bt, seg_bt, pos_bt, last_b, h_last, rows_g=None, start=None):
+    """One prefill chunk; keeps the hidden state of each row's last prompt token.
+
+    With ``rows_g`` (a group of rows of a length-grouped prefill), the chunk is rows ``rows_g`` of the
+    cache, written from slot ``start``; ``last_b`` is then per row of the group.
+    """
     model = nnx.merge(graphdef, state)
+    full = cache
+    if rows_g is not None:
+        take = lambda x: jnp.take(x, rows_g, axis=0)
+        cache = dataclasses.replace(cache, k=[take(x) for x in cache.k], v_bksh=[take(x) for x in cache.v_bksh],
+                                    pos=take(cache.pos), end=start)
     start = cache.end
     h, cache = _forward(model, cache, tokens_bt, pos_bt, seg_bt)
     idx = last_b - start
     here = (idx >= 0) & (idx < tokens_bt.shape[1])
     picked = jnp.take_along_axis(h, jnp.clip(idx, 0, tokens_bt.shape[1] - 1)[:, None, None], axis=1)[:, 0]
+    if rows_g is None:
+        h_last = jnp.where(here[:, None], picked, h_last)
+    else:
+        put = lambda x, y: x.at[rows_g].set(y, unique_indices=True)
+        h_last = put(h_last, jnp.where(here[:, None], picked, h_last[rows_g]))
+        cache = dataclasses.replace(full, k=[put(x, y) for x, y in zip(full.k, cache.k)],
+                                    v_bksh=[put(x, y) for x, y in zip(full.v_bksh, cache.v_bksh)],
+                                    pos=put(full.pos, cache.pos), end=jnp.maximum(full.end, cache.end))
     cache = _constrain_tree(_shard_ctx(model), cache, _cache_axes(cache))
-    return cache, jnp.where(here[:, None], picked, h_last)
+    return cache, h_last
 
 
 def _start_fn(graphdef, mode, expand, state, weights, cache, h_last, src_r, rows, knobs):
@@ -605,30 +625,60 @@ def _shared_prefix(prompts: list[list[int]]) -> int:
     return n
 
 
-def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]], first_pos: int, pad: int, buckets: Buckets):
-    """Prefills right-padded ``parts`` (row ``i`` at positions ``first_pos + j``) from slot ``cache.end``.
+def _length_groups(lens: Sequence[int], mult: int, buckets: Buckets) -> list[np.ndarray]:
+    """Rows of a prefill split into equal groups by length, each to be padded to its own bucket.
 
-    ``h_last`` keeps, per row, the hidden state of the row's last token in this call.
+    Rows are sorted by length and cut into groups of ``rows / 2**j`` rows (a multiple of ``mult``);
+    the split with the fewest padded token slots wins, a call costing at least
+    ``buckets.prefill_group_tokens`` slots (small calls run matmuls below their rate). Empty rows
+    (batch padding) need no prefill: groups of them are dropped. One group keeps the rows' order.
+    """
+    lens = np.asarray(lens)
+    rows, order = len(lens), np.argsort(-lens, kind="stable")
+    best, best_cost, g = [np.arange(rows)], None, rows
+    while g >= 1 and g % mult == 0 and rows % g == 0 and rows // g <= buckets.max_prefill_groups:
+        groups = [order[i : i + g] for i in range(0, rows, g)] if g < rows else [np.arange(rows)]
+        groups = [x for x in groups if lens[x].max() > 0] or groups[:1]
+        cost = sum(max(g * _prompt_bucket(int(lens[x].max()), buckets), buckets.prefill_group_tokens) for x in groups)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = groups, cost
+        g //= 2
+    return best
+
+
+def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]], first_pos: int, pad: int, buckets: Buckets):
+    """Prefills ``parts`` (row ``i`` at positions ``first_pos + j``) from slot ``cache.end``.
+
+    Rows are prefilled in groups of similar length (`_length_groups`), each right-padded to its own
+    bucket, so a few long prompts do not make every row pay for their length. ``h_last`` keeps, per
+    row, the hidden state of the row's last token in this call.
     """
     ctx = _shard_ctx(model)
-    width = _prompt_bucket(max(map(len, parts)), buckets)
     rows = cache.pos.shape[0]
-    # Attention scores [rows, N, chunk, capacity] in float32 stay under ~1 GiB.
-    limit = max(16, (1 << 28) // (rows * model.config.num_heads * cache.capacity))
-    chunk = width if width <= min(limit, buckets.prefill_chunk) else math.gcd(width, 1 << int(math.log2(min(limit, buckets.prefill_chunk))))
-    tokens = np.full((rows, width), pad, np.int32)
-    seg = np.zeros((rows, width), np.int32)
-    for i, p in enumerate(parts):
-        tokens[i, : len(p)], seg[i, : len(p)] = p, 1
-    positions = np.broadcast_to(first_pos + np.arange(width, dtype=np.int32), (rows, width))
+    lens = np.zeros((rows,), np.int32)
+    lens[: len(parts)] = [len(p) for p in parts]
     start = int(to_host(cache.end))
-    last = np.full((rows,), -1, np.int32)
-    last[: len(parts)] = start + np.array([len(p) for p in parts]) - 1  # slot of each row's last token
-    last = _put(ctx, last, ("batch",))
-    for s in range(0, width, chunk):
-        sl = lambda a: _put(ctx, a[:, s : s + chunk], ("batch", "length"))
-        cache, h_last = _run("prefill", _prefill_fn, (graphdef,), (state, cache, sl(tokens), sl(seg), sl(positions), last, h_last),
-                             donate=(1, 6), desc=f"batch {rows}, chunk {chunk}, capacity {cache.capacity}")
+    groups = _length_groups(lens, _batch_multiple(ctx), buckets)
+    for group in groups:  # each group's call leaves ``cache.end`` at the widest group's end so far
+        g = len(group)
+        width = _prompt_bucket(int(lens[group].max()), buckets)
+        # Attention scores [rows, N, chunk, capacity] in float32 stay under ~1 GiB.
+        limit = max(16, (1 << 28) // (g * model.config.num_heads * cache.capacity))
+        chunk = width if width <= min(limit, buckets.prefill_chunk) else math.gcd(width, 1 << int(math.log2(min(limit, buckets.prefill_chunk))))
+        tokens = np.full((g, width), pad, np.int32)
+        seg = np.zeros((g, width), np.int32)
+        for j, i in enumerate(group):
+            if i < len(parts):
+                tokens[j, : lens[i]], seg[j, : lens[i]] = parts[i], 1
+        positions = np.broadcast_to(first_pos + np.arange(width, dtype=np.int32), (g, width))
+        last = np.where(lens[group] > 0, start + lens[group] - 1, -1).astype(np.int32)  # slot of each row's last token
+        last = _put(ctx, last, ("batch",))
+        extra = () if g == rows else (_put(ctx, group.astype(np.int32), ("batch",)),)
+        for s in range(0, width, chunk):
+            sl = lambda a: _put(ctx, a[:, s : s + chunk], ("batch", "length"))
+            at = () if not extra else (_put(ctx, np.int32(start + s), ()),)
+            cache, h_last = _run("prefill", _prefill_fn, (graphdef,), (state, cache, sl(tokens), sl(seg), sl(positions), last, h_last) + extra + at,
+                                 donate=(1, 6), desc=f"batch {g} of {rows}, chunk {chunk}, capacity {cache.capacity}")
     return cache, h_last
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -195,6 +196,41 @@ def test_shared_prefix_is_prefilled_once_with_the_same_result(tiny, layout, monk
     np.testing.assert_array_equal(twice[0], np.repeat(shared[0], 2, axis=0))
 
 
+def test_length_groups_hand_worked():
+    b = sampler.DEFAULT_BUCKETS  # prompt buckets 16, 20, 24, ..., 128, 160; a call costs >= 256 slots
+    # One group pads every row to 160 slots: 640. Halves sorted by length: 2 * 160 + (2 * 16 -> 256) = 576.
+    # Single rows: 4 * 256 = 1024. So two groups of two: the long prompt and the next, then the rest.
+    assert [g.tolist() for g in sampler._length_groups([5, 150, 4, 6], 1, b)] == [[1, 3], [0, 2]]
+    free = dataclasses.replace(b, prefill_group_tokens=1)  # single rows now cost 160 + 3 * 16 = 208 < 352 < 640
+    assert [g.tolist() for g in sampler._length_groups([5, 150, 4, 6], 1, free)] == [[1], [3], [0], [2]]
+    assert [g.tolist() for g in sampler._length_groups([5, 150, 4, 6], 2, free)] == [[1, 3], [0, 2]]  # rows per device
+    assert [g.tolist() for g in sampler._length_groups([30, 0, 0, 0], 1, free)] == [[0]]  # batch padding is skipped
+    assert [g.tolist() for g in sampler._length_groups([5, 150, 4, 6], 1, dataclasses.replace(free, max_prefill_groups=1))] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in sampler._length_groups([20, 19, 18], 1, b)] == [[0, 1, 2]]  # 3 rows: no halves
+
+
+def test_length_grouped_prefill_matches_plain_forward(tiny, layout, monkeypatch):
+    system = prompts_of([20], seed=41)[0]
+    prompts = [system + p for p in prompts_of([4, 150, 6, 5], seed=42)]
+    calls = spy_prefill(monkeypatch)
+    free = sampler.Buckets(prefill_group_tokens=1)
+    grouped = sampler.generate(tiny, prompts, max_new_tokens=12, temperature=0.0, buckets=free)
+    assert calls == [(1, 20), (1, 160), (1, 16), (1, 16), (1, 16)]  # the prefix, then each row in its own bucket
+    whole = sampler.generate(tiny, prompts, max_new_tokens=12, temperature=0.0, buckets=dataclasses.replace(free, max_prefill_groups=1))
+    assert calls[5:] == [(1, 20), (4, 160)]
+    np.testing.assert_array_equal(grouped[0], whole[0])
+    np.testing.assert_allclose(grouped[2], whole[2], atol=1e-5)
+    # 5 prompts fill a batch bucket of 6: the padding row gets no prefill call.
+    del calls[:]
+    five = sampler.generate(tiny, prompts + prompts[:1], max_new_tokens=12, temperature=0.0, buckets=free)
+    assert calls == [(1, 20), (1, 160), (1, 16), (1, 16), (1, 16), (1, 16)]
+    np.testing.assert_array_equal(five[0], np.concatenate([grouped[0], grouped[0][:1]]))
+    for i, p in enumerate(prompts):
+        assert grouped[0][i].tolist() == naive_greedy(tiny, p, 12)
+        ref = log_softmax(full_logits(tiny, [p + grouped[0][i].tolist()])[0])
+        np.testing.assert_allclose(grouped[2][i], ref[np.arange(len(p) - 1, len(p) + 11), grouped[0][i]], atol=2e-4)
+
+
 def test_long_prompt_prefills_in_chunks_with_the_same_result(tiny):
     prompt = prompts_of([300], seed=4)[0]
     small = sampler.Buckets(prefill_chunk=64)
@@ -358,6 +394,13 @@ def test_generate_and_score_under_a_mesh_match_one_device(layout):
     np.testing.assert_allclose(sampler.score(sharded, prompts, responses), sampler.score(plain, prompts, responses), atol=1e-3)
     kw = dict(n_samples=3, max_new_tokens=6, temperature=1.0, top_p=0.9, rng=jax.random.key(6))
     np.testing.assert_array_equal(sampler.generate(sharded, prompts, **kw)[0], sampler.generate(plain, prompts, **kw)[0])
+    # Length groups of 4 rows (one per device of the batch axes), gathered from and written back to the cache.
+    uneven = prompts_of([40, 3, 5, 2, 33, 4, 6, 3], seed=17)
+    kw = dict(max_new_tokens=6, temperature=0.0, buckets=sampler.Buckets(prefill_group_tokens=1))
+    a, b = sampler.generate(sharded, uneven, **kw), sampler.generate(plain, uneven, **kw)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[2], b[2], atol=1e-4)
+    assert [g.tolist() for g in sampler._length_groups([len(p) for p in uneven], 4, kw["buckets"])] == [[0, 4, 6, 2], [5, 1, 7, 3]]
 
 
 def test_pallas_decode_kernel_path_matches_xla_greedy_alone_and_on_a_mesh(tiny, monkeypatch):
@@ -370,11 +413,15 @@ def test_pallas_decode_kernel_path_matches_xla_greedy_alone_and_on_a_mesh(tiny, 
     config = TINY.replace(attention_impl="pallas", num_layers=1)
     plain = models.create_model(config.replace(attention_impl="xla"), seed=5)
     system = prompts_of([17], seed=22)[0]  # a shared prefix: its cache rows are copied to each row
-    prompts = [system + p for p in prompts_of([5, 11], seed=21)]
+    prompts = [system + p for p in prompts_of([5, 30], seed=21)]
     want = [naive_greedy(plain, p, 6) for p in prompts]
     for mesh in (None, make_mesh("data=2,fsdp=2,tensor=2")):
         model = models.create_model(config, seed=5, mesh=mesh)
-        toks, _, lps = sampler.generate(model, prompts, max_new_tokens=6, temperature=0.0)
+        # Without a mesh the two rows are prefilled as two length groups (32 and 16 slots), which
+        # gather and write back keys laid out [B, K, S, H].
+        calls = spy_prefill(monkeypatch)
+        toks, _, lps = sampler.generate(model, prompts, max_new_tokens=6, temperature=0.0, buckets=sampler.Buckets(prefill_group_tokens=1))
+        assert calls == ([(1, 20), (1, 32), (1, 16)] if mesh is None else [(4, 20), (4, 32)])
         assert [t.tolist() for t in toks] == want
         ref = sampler.generate(plain, prompts, max_new_tokens=6, temperature=0.0)[2]
         np.testing.assert_allclose(lps, ref, atol=1e-4)
