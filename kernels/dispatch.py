@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from kernels import compat
 from kernels.decode_attention import decode_attention
 from kernels.flash_attention import BlockSizes, flash_attention
+from kernels.reference import masked_attention
 
 Array = jax.Array
 IMPLS = ("auto", "xla", "pallas")
@@ -102,25 +103,33 @@ def attention(
     impl: str = "auto",
     interpret: Optional[bool] = None,
     block_sizes: Optional[BlockSizes] = None,
-) -> Array:
+    return_lse: bool = False,
+):
     """Grouped-query attention ``[B, T, N, H]`` with the model's position/segment mask.
 
     ``k_bksh``/``v_bksh [B, K, S, H]``; ``q_positions [B, T]``, ``kv_positions [B, S]`` (``-1``:
     empty slot); ``q_segment_ids [B, T]`` and ``kv_segment_ids [B, S]`` optional (keys carry no
-    segments in the KV-cache path: then only ``q_seg != 0`` applies).
+    segments in the KV-cache path: then only ``q_seg != 0`` applies). ``return_lse``: also return
+    the float32 log-sum-exp of each query's scores ``[B, T, N]`` (``-inf`` where nothing is seen),
+    which merges this result with attention over other keys (`merge_attention`).
     """
     q_pos = jnp.asarray(q_positions, jnp.int32)
     kv_pos = jnp.asarray(kv_positions, jnp.int32)
     if resolve_impl(impl) == "xla":
-        return xla_attention(q_btnh, k_bksh, v_bksh, attention_mask(q_pos, kv_pos, q_segment_ids, kv_segment_ids))
+        mask = attention_mask(q_pos, kv_pos, q_segment_ids, kv_segment_ids)
+        if not return_lse:
+            return xla_attention(q_btnh, k_bksh, v_bksh, mask)
+        out, lse = masked_attention(q_btnh, k_bksh.transpose(0, 2, 1, 3), v_bksh.transpose(0, 2, 1, 3), mask)
+        return out.astype(q_btnh.dtype), lse.transpose(0, 2, 1)
 
     b, t = q_btnh.shape[:2]
     if t == 1 and kv_segment_ids is None:  # one sampled token against the cache
         query_pos = q_pos[:, 0]
         if q_segment_ids is not None:
             query_pos = jnp.where(q_segment_ids[:, 0] != 0, query_pos, -1)
-        out = decode_attention(q_btnh[:, 0], k_bksh, v_bksh, pos=kv_pos, query_pos=query_pos, interpret=interpret)
-        return out[:, None]
+        out = decode_attention(q_btnh[:, 0], k_bksh, v_bksh, pos=kv_pos, query_pos=query_pos, interpret=interpret,
+                               return_lse=return_lse)
+        return (out[0][:, None], out[1][:, None]) if return_lse else out[:, None]
 
     segments = None
     if q_segment_ids is not None:
@@ -128,11 +137,28 @@ def attention(
             segments = ((q_segment_ids != 0).astype(jnp.int32), jnp.ones(kv_pos.shape, jnp.int32))
         else:
             segments = (q_segment_ids, kv_segment_ids)
-    return flash_attention(
+    out = flash_attention(
         q_btnh, k_bksh.transpose(0, 2, 1, 3), v_bksh.transpose(0, 2, 1, 3),
         causal=True, segment_ids=segments, positions=(q_pos, kv_pos),
-        block_sizes=block_sizes, interpret=interpret,
+        block_sizes=block_sizes, interpret=interpret, return_lse=return_lse,
     )
+    return (out[0], out[1].transpose(0, 2, 1)) if return_lse else out
+
+
+def merge_attention(out_a: Array, lse_a: Array, out_b: Array, lse_b: Array) -> Array:
+    """Attention over two disjoint sets of keys merged into attention over their union.
+
+    ``out_* [B, T, N, H]`` and ``lse_* [B, T, N]`` (as `attention` returns with ``return_lse``):
+    each part is reweighted by its share of the joint softmax normalizer. Queries that see
+    nothing in either part return zeros. The result has ``out_a``'s dtype.
+    """
+    top = jnp.maximum(lse_a, lse_b)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    wa, wb = jnp.exp(lse_a - top), jnp.exp(lse_b - top)
+    total = wa + wb
+    total = jnp.where(total == 0, 1.0, total)
+    out = (out_a.astype(jnp.float32) * (wa / total)[..., None] + out_b.astype(jnp.float32) * (wb / total)[..., None])
+    return out.astype(out_a.dtype)
 
 
 def sharded_attention(
@@ -149,7 +175,8 @@ def sharded_attention(
     kv_segment_ids: Optional[Array] = None,
     interpret: Optional[bool] = None,
     block_sizes: Optional[BlockSizes] = None,
-) -> Array:
+    return_lse: bool = False,
+):
     """The Pallas path of :func:`attention` on a sharded batch: one kernel call per device.
 
     A ``pallas_call`` is opaque to the SPMD partitioner (left alone it would gather every operand
@@ -173,7 +200,8 @@ def sharded_attention(
         qs = segs.pop(0) if has_q_seg else None
         ks = segs.pop(0) if has_kv_seg else None
         return attention(q, k, v, q_positions=qp, kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks,
-                         impl="pallas", interpret=interp, block_sizes=block_sizes)
+                         impl="pallas", interpret=interp, block_sizes=block_sizes, return_lse=return_lse)
 
-    return compat.shard_map(local, mesh, tuple(specs), specs[0], interpret=interp)(*args)
+    out_specs = (specs[0], P(batch_axes, None, head_axis)) if return_lse else specs[0]
+    return compat.shard_map(local, mesh, tuple(specs), out_specs, interpret=interp)(*args)
 

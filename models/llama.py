@@ -320,10 +320,12 @@ class Attention(nnx.Module):
         return out, new_cache
 
 
-    def pallas_attention(self, q: Array, k: Array, v: Array, pos_bt: Array, kv_pos: Array, seg_bt: Optional[Array], kv_seg: Optional[Array]) -> Array:
+    def pallas_attention(self, q: Array, k: Array, v: Array, pos_bt: Array, kv_pos: Array, seg_bt: Optional[Array],
+                         kv_seg: Optional[Array], return_lse: bool = False):
         """The Pallas kernels; on a mesh, once per device through ``shard_map`` (batch rows over
-        ``data``/``fsdp`` and heads over ``tensor`` where they divide, as the activations are)."""
-        kw = dict(q_positions=pos_bt, kv_positions=kv_pos, q_segment_ids=seg_bt, kv_segment_ids=kv_seg)
+        ``data``/``fsdp`` and heads over ``tensor`` where they divide, as the activations are).
+        ``return_lse``: also the log-sum-exp ``[B, T, N]`` (see `kernels.dispatch.attention`)."""
+        kw = dict(q_positions=pos_bt, kv_positions=kv_pos, q_segment_ids=seg_bt, kv_segment_ids=kv_seg, return_lse=return_lse)
         if self.shard is None:
             return attention_kernels.attention(q, k, v, impl="pallas", **kw)
         mesh, rules = self.shard.mesh, self.shard.rule_map

@@ -57,7 +57,7 @@ import numpy as np
 from flax import nnx
 
 from models.distributed import put_global, to_host
-from kernels.dispatch import resolve_impl
+from kernels.dispatch import merge_attention, resolve_impl
 from models.llama import Llama, rope_inv_freq, rope_tables, rotate_halves
 from models.sharding import ShardingContext, constrain
 
@@ -172,9 +172,10 @@ class _DecodeCache:
     ``[B, K, S, H]``); ``[B, K, S, H]`` for the Pallas kernels. Values ``[B, K, S, H]``; ``pos``
     ``[B, S]`` (``-1``: empty or padding) and ``end`` as in `models.llama.KVCache`.
 
-    ``prefix_k`` ``[K, H, P]``, ``prefix_v`` ``[K, P, H]`` and ``prefix_pos`` ``[P]`` (XLA attention
-    only; empty lists and ``None`` otherwise) hold a prompt prefix shared by every row, stored once:
-    every row attends to it before its own slots, which hold the rest of its tokens.
+    ``prefix_k`` (``[K, H, P]``, or ``[K, P, H]`` for the Pallas kernels), ``prefix_v`` ``[K, P, H]``
+    and ``prefix_pos`` ``[P]`` (empty lists and ``None`` without one) hold a prompt prefix shared
+    by every row, stored once: every row attends to it before its own slots, which hold the rest of
+    its tokens.
     """
 
     k: list[Array]
@@ -318,6 +319,30 @@ def _attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array,
     return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
+def _prefix_attention(q_btnh: Array, pk: Array, pv: Array, visible: Array) -> tuple[Array, Array]:
+    """Attention over a shared prefix alone, for the Pallas path (`_attention` merges it into one
+    softmax on the XLA path): ``(out [B, T, N, H], lse [B, T, N])`` for `merge_attention`.
+
+    ``pk`` ``[K, P, H]`` (the kernels' key layout), ``pv`` ``[K, P, H]``, ``visible`` ``[P]``: one
+    ``[B*G*T, H] x [H, P]`` matmul per KV head, so the prefix is read once for every row.
+    """
+    b, t, n, h = q_btnh.shape
+    kh = pk.shape[0]
+    g = n // kh
+    qk = q_btnh.reshape(b, t, kh, g, h).transpose(2, 0, 3, 1, 4).reshape(kh, b * g * t, h)
+    scores = jnp.einsum("kmh,kph->kmp", qk, pk, preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = jnp.where(visible, scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    probs = jnp.exp(scores - top[..., None])
+    total = jnp.sum(probs, axis=-1)
+    safe = jnp.where(total == 0, 1.0, total)
+    out = jnp.einsum("kmp,kph->kmh", probs.astype(pv.dtype), pv, preferred_element_type=jnp.float32) / safe[..., None]
+    lse = jnp.where(total == 0, -jnp.inf, top + jnp.log(safe))
+    out = out.reshape(kh, b, g, t, h).transpose(1, 3, 0, 2, 4).reshape(b, t, n, h)
+    return out, lse.reshape(kh, b, g, t).transpose(1, 3, 0, 2).reshape(b, t, n)
+
+
 def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array, seg_bt: Array,
              layers: Optional[list[dict[str, Array]]] = None) -> tuple[Array, _DecodeCache]:
     """Final-norm hidden states ``[B, T, D]`` of ``T`` new tokens per row, cached from slot ``cache.end``.
@@ -355,13 +380,16 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
             at = (0, 0, 0, cache.end) if cache.keys_last else (0, 0, cache.end, 0)
             k_cache = jax.lax.dynamic_update_slice(cache.k[i], kk.astype(cache.k[i].dtype), at)
             v_cache = jax.lax.dynamic_update_slice(cache.v_bksh[i], vv.astype(cache.v_bksh[i].dtype), (0, 0, cache.end, 0))
+            prefix = None
+            if cache.prefix_k:
+                prefix = (cache.prefix_k[i].astype(dt), cache.prefix_v[i].astype(dt), cache.prefix_pos >= 0)
             if cache.keys_last:
-                prefix = None
-                if cache.prefix_k:
-                    prefix = (cache.prefix_k[i].astype(dt), cache.prefix_v[i].astype(dt), cache.prefix_pos >= 0)
                 o = _attention(q, k_cache.astype(dt), v_cache.astype(dt), mask, prefix)
-            else:  # the Pallas kernels (decode kernel for one token), per device on a mesh
+            elif prefix is None:  # the Pallas kernels (decode kernel for one token), per device on a mesh
                 o = a.pallas_attention(q, k_cache.astype(dt), v_cache.astype(dt), pos_bt, slot_pos, seg_bt, None)
+            else:  # the kernels over the rows' slots, merged with XLA attention over the shared prefix
+                o, lse = a.pallas_attention(q, k_cache.astype(dt), v_cache.astype(dt), pos_bt, slot_pos, seg_bt, None, return_lse=True)
+                o = merge_attention(o, lse, *_prefix_attention(q, *prefix))
             o = o.reshape(b * t, n * h)
             x = x + mm(w["o"], o.T if fm else o)
             y = blk.post_attn_norm(x, axis)
@@ -693,9 +721,8 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
     """The prompts' KV cache ``[bp, ...]`` and the hidden state of each prompt's last token.
 
     A prefix shared by every prompt (a system prompt, a judge's rubric) of at least
-    ``buckets.min_shared_prefix`` tokens is prefilled once. With XLA attention it stays in the cache
-    once, as its shared prefix (the rows' slots hold only the rest); the Pallas kernels read rows
-    only, so there its cache rows are copied to every prompt.
+    ``buckets.min_shared_prefix`` tokens is prefilled once and stays in the cache once, as its
+    shared prefix; the rows' slots hold only the rest.
     """
     c, ctx = model.config, _shard_ctx(model)
     shared = min(_shared_prefix(prompts), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
@@ -703,7 +730,7 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
     head = _prompt_bucket(shared, buckets) if shared else 0
     keys_last = resolve_impl(c.attention_impl) == "xla"
     rest = _prompt_bucket(max(map(len, prompts)) - shared, buckets) + 1
-    capacity = bucket(rest if keys_last else head + rest, buckets.min_capacity, buckets.capacity_steps)
+    capacity = bucket(rest, buckets.min_capacity, buckets.capacity_steps)
     new_h = lambda rows: _full(ctx, (rows, c.hidden_size), 0, c.dtype, ("batch", "act_embed"))
 
     def new_cache(rows, capacity):
@@ -721,14 +748,9 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
         cache = new_cache(bp, capacity)
     else:
         one = _batch_multiple(ctx)
-        first, _ = _prefill_part(model, graphdef, state, new_cache(one, head if keys_last else capacity), new_h(one),
-                                 [prompts[0][:shared]], 0, pad, buckets)
-        if keys_last:
-            cache = _run("prefix", _prefix_fn, (ctx,), (new_cache(bp, capacity), first), donate=(0, 1),
-                         desc=f"{bp} rows of capacity {capacity} after a shared prefix of {head} slots")
-        else:
-            cache = _run("copy_rows", _copy_rows_fn, (ctx,), (first, _put(ctx, np.zeros((bp,), np.int32), ("batch",))),
-                         desc=f"{one} -> {bp} rows, capacity {capacity}")
+        first, _ = _prefill_part(model, graphdef, state, new_cache(one, head), new_h(one), [prompts[0][:shared]], 0, pad, buckets)
+        cache = _run("prefix", _prefix_fn, (ctx,), (new_cache(bp, capacity), first), donate=(0, 1),
+                     desc=f"{bp} rows of capacity {capacity} after a shared prefix of {head} slots")
     return _prefill_part(model, graphdef, state, cache, new_h(bp), [p[shared:] for p in prompts], shared, pad, buckets)
 
 

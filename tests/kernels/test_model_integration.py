@@ -23,6 +23,7 @@ import models
 from kernels import dispatch
 from models.llama import KVCache, attention_mask, dot_product_attention
 from tests.kernels.common import scaled_err
+from tests.kernels.test_reference import numpy_attention
 
 
 def _model_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -68,6 +69,37 @@ def test_dispatch_pallas_and_xla_equal_the_models_attention(call):
         got = run(q, k, v)
         assert got.shape == want.shape and got.dtype == want.dtype
         assert scaled_err(got, want) < 1e-5, impl
+
+
+@pytest.mark.parametrize("call", ["prefill", "decode"])
+def test_attention_over_two_parts_merged_by_lse_equals_the_numpy_formula_over_all_keys(call):
+    """A shared prefix is attended apart from the rows' cache slots and merged by log-sum-exp
+    (`dispatch.merge_attention`): split the cache's slots into two parts and compare the merged
+    result, and each part's lse, with a float64 loop over the visible keys."""
+    q, k, v, q_pos, kv_pos, q_seg, _ = _calls()[call]
+    first = np.arange(kv_pos.shape[1]) < 7  # slots 0..6 in part A, the rest in part B
+    part = lambda keep: jnp.where(keep[None, :], kv_pos, -1)
+    qp, kp, qs = np.asarray(q_pos), np.asarray(kv_pos), np.asarray(q_seg)
+    visible = lambda keep: (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None]) & (qs != 0)[:, :, None] & keep[None, None, :]
+    kt, vt = np.asarray(k).transpose(0, 2, 1, 3), np.asarray(v).transpose(0, 2, 1, 3)  # [B, S, K, H]
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    want, _ = numpy_attention(q, kt, vt, visible(np.ones_like(first)), scale)
+    for impl in ("xla", "pallas"):
+        outs = []
+        for keep in (first, ~first):
+            out, lse = dispatch.attention(q, k, v, q_positions=q_pos, kv_positions=part(keep), q_segment_ids=q_seg,
+                                          impl=impl, return_lse=True)
+            _, want_lse = numpy_attention(q, kt, vt, visible(keep), scale)
+            want_lse = want_lse.transpose(0, 2, 1)  # [B, T, N]
+            assert lse.shape == want_lse.shape and lse.dtype == jnp.float32
+            np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(want_lse))
+            seen = np.isfinite(want_lse)
+            np.testing.assert_allclose(np.asarray(lse)[seen], want_lse[seen], rtol=1e-5, atol=1e-5)
+            outs += [out, lse]
+        merged = dispatch.merge_attention(*outs)
+        assert merged.dtype == q.dtype
+        assert scaled_err(merged, want) < 1e-5, impl
+        assert np.all(np.asarray(merged)[np.asarray(q_seg) == 0] == 0.0)  # padding queries see nothing
 
 
 def test_dispatch_pallas_gradients_equal_the_models_attention_on_packed_rows():

@@ -412,7 +412,7 @@ def test_pallas_decode_kernel_path_matches_xla_greedy_alone_and_on_a_mesh(tiny, 
     monkeypatch.setattr(dispatch, "decode_attention", lambda *a, **k: traced.append(a[0].shape) or real(*a, **k))
     config = TINY.replace(attention_impl="pallas", num_layers=1)
     plain = models.create_model(config.replace(attention_impl="xla"), seed=5)
-    system = prompts_of([17], seed=22)[0]  # a shared prefix: its cache rows are copied to each row
+    system = prompts_of([17], seed=22)[0]  # a shared prefix: kept once, merged with the kernels by log-sum-exp
     prompts = [system + p for p in prompts_of([5, 30], seed=21)]
     want = [naive_greedy(plain, p, 6) for p in prompts]
     for mesh in (None, make_mesh("data=2,fsdp=2,tensor=2")):
