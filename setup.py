@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
-    packages=find_packages(include=["models*", "kernels*", "metajudge*", "experiments*", "benchmarks*"]),
+    packages=find_packages(include=["models*", "attention_kernels*", "metajudge*", "experiments*", "benchmarks*"]),
     package_data={"metajudge.prompt_data": ["*.jsonl"]},
     install_requires=[
         "jax>=0.6.1,<0.12",

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import compat
-from kernels.flash_attention import flash_attention
+from attention_kernels import compat
+from attention_kernels.flash_attention import flash_attention
 
 
 def _time(fn: Callable, args, iters: int) -> float:

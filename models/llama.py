@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import dispatch as attention_kernels
+from attention_kernels import dispatch
 from models.sharding import ShardingContext, constrain, logical_to_spec
 
 Array = jax.Array
@@ -72,8 +72,8 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.attention_impl not in attention_kernels.IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {attention_kernels.IMPLS}")
+        if self.attention_impl not in dispatch.IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {dispatch.IMPLS}")
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -230,11 +230,11 @@ def attention_mask(q_pos: Array, k_pos: Array, q_seg: Optional[Array], k_seg: Op
     """``[B, T, S]`` boolean: same segment (0 = padding), key position valid and not in the future.
 
     Keys without segment ids (the KV cache) only need a live query (``q_seg != 0``). The rule is
-    the one the attention kernels implement (`kernels.dispatch.attention_mask`)."""
-    return attention_kernels.attention_mask(q_pos, k_pos, q_seg, k_seg)
+    the one the attention kernels implement (`attention_kernels.dispatch.attention_mask`)."""
+    return dispatch.attention_mask(q_pos, k_pos, q_seg, k_seg)
 
 
-# Queries per block when a row attends to itself (no cache): see `kernels.dispatch.xla_attention`.
+# Queries per block when a row attends to itself (no cache): see `attention_kernels.dispatch.xla_attention`.
 SELF_ATTENTION_QUERY_BLOCK = 128
 
 
@@ -242,8 +242,8 @@ def dot_product_attention(q_btnh: Array, k_bksh: Array, v_bksh: Array, mask_bts:
     """Grouped-query attention without repeating K/V. Fully masked query rows return zeros.
 
     ``query_block > 0``: self-attention in index order (no key after its query is visible), run in
-    query blocks that skip the masked upper triangle (`kernels.dispatch.xla_attention`)."""
-    return attention_kernels.xla_attention(q_btnh, k_bksh, v_bksh, mask_bts, query_block=query_block)
+    query blocks that skip the masked upper triangle (`attention_kernels.dispatch.xla_attention`)."""
+    return dispatch.xla_attention(q_btnh, k_bksh, v_bksh, mask_bts, query_block=query_block)
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -308,7 +308,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, end, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, end, 0))
             kv_pos, kv_seg, new_cache = slot_pos, None, (k, v)
-        if attention_kernels.resolve_impl(self.config.attention_impl) == "pallas":
+        if dispatch.resolve_impl(self.config.attention_impl) == "pallas":
             out = self.pallas_attention(q, k.astype(dt), v.astype(dt), pos_bt, kv_pos, seg_bt, kv_seg)
         else:
             mask, block = attention_mask(pos_bt, kv_pos, seg_bt, kv_seg), 0
@@ -324,16 +324,16 @@ class Attention(nnx.Module):
                          kv_seg: Optional[Array], return_lse: bool = False):
         """The Pallas kernels; on a mesh, once per device through ``shard_map`` (batch rows over
         ``data``/``fsdp`` and heads over ``tensor`` where they divide, as the activations are).
-        ``return_lse``: also the log-sum-exp ``[B, T, N]`` (see `kernels.dispatch.attention`)."""
+        ``return_lse``: also the log-sum-exp ``[B, T, N]`` (see `attention_kernels.dispatch.attention`)."""
         kw = dict(q_positions=pos_bt, kv_positions=kv_pos, q_segment_ids=seg_bt, kv_segment_ids=kv_seg, return_lse=return_lse)
         if self.shard is None:
-            return attention_kernels.attention(q, k, v, impl="pallas", **kw)
+            return dispatch.attention(q, k, v, impl="pallas", **kw)
         mesh, rules = self.shard.mesh, self.shard.rule_map
         batch = logical_to_spec(("batch",), q.shape[:1], mesh, rules)
         heads = logical_to_spec(("act_kv_heads",), k.shape[1:2], mesh, rules)
         q_heads = logical_to_spec(("act_heads",), q.shape[2:3], mesh, rules)
         head_axis = heads[0] if len(heads) and len(q_heads) and heads[0] == q_heads[0] else None
-        return attention_kernels.sharded_attention(
+        return dispatch.sharded_attention(
             q, k, v, mesh=mesh, batch_axes=batch[0] if len(batch) else None, head_axis=head_axis, **kw)
 
 

@@ -57,7 +57,7 @@ import numpy as np
 from flax import nnx
 
 from models.distributed import put_global, to_host
-from kernels.dispatch import merge_attention, resolve_impl
+from attention_kernels.dispatch import merge_attention, resolve_impl
 from models.llama import Llama, rope_inv_freq, rope_tables, rotate_halves
 from models.sharding import ShardingContext, constrain
 

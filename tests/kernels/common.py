@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import compat
-from kernels.flash_attention import BlockSizes
+from attention_kernels import compat
+from attention_kernels.flash_attention import BlockSizes
 
 ACCELERATOR = compat.platform() if compat.platform() in compat.BACKENDS else None
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_mask import FULL, PARTIAL, SKIP, block_states, fetch_indices, row_ranges
-from kernels.reference import attention_mask
+from attention_kernels.block_mask import FULL, PARTIAL, SKIP, block_states, fetch_indices, row_ranges
+from attention_kernels.reference import attention_mask
 
 
 def _idx(b, n):

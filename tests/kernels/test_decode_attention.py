@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.decode_attention import combine_splits, decode_attention
-from kernels.reference import decode_reference
+from attention_kernels.decode_attention import combine_splits, decode_attention
+from attention_kernels.reference import decode_reference
 from tests.kernels.common import MODES, scaled_err
 
 S = 96  # 6 key blocks of 16

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import compat
-from kernels.decode_attention import decode_attention
-from kernels.flash_attention import flash_attention
+from attention_kernels import compat
+from attention_kernels.decode_attention import decode_attention
+from attention_kernels.flash_attention import flash_attention
 
 PLATFORMS = [pytest.param("tpu", "tpu", id="mosaic-tpu"), pytest.param("cuda", "gpu", id="triton-gpu")]
 

@@ -1,4 +1,4 @@
-"""The model's attention through ``kernels.dispatch``: Pallas (interpret mode on CPU) equals XLA.
+"""The model's attention through ``attention_kernels.dispatch``: Pallas (interpret mode on CPU) equals XLA.
 
 Two groups:
 
@@ -7,7 +7,7 @@ Two groups:
   runs today, no model change needed.
 - A tiny model built with ``attention_impl="pallas"`` against ``"xla"``: logits, gradients and
   cached decoding. NEEDS THE PATCH to ``models/llama.py`` given in the kernels report (it routes
-  ``Attention.__call__`` through ``kernels.dispatch`` and accepts ``"pallas"``); until it is
+  ``Attention.__call__`` through ``attention_kernels.dispatch`` and accepts ``"pallas"``); until it is
   applied these tests are skipped with that reason.
 """
 
@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import models
-from kernels import dispatch
+from attention_kernels import dispatch
 from models.llama import KVCache, attention_mask, dot_product_attention
 from tests.kernels.common import scaled_err
 from tests.kernels.test_reference import numpy_attention

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.reference import attention_reference, decode_reference
+from attention_kernels.reference import attention_reference, decode_reference
 
 
 def numpy_attention(q, k, v, visible, scale):

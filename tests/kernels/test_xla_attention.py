@@ -1,4 +1,4 @@
-"""`kernels.dispatch.xla_attention` (the model's XLA attention) against the numpy formula.
+"""`attention_kernels.dispatch.xla_attention` (the model's XLA attention) against the numpy formula.
 
 The query-blocked form (self-attention in index order) must give the values of the whole form, on
 packed rows with padding, blocks that do not divide the length, and grouped-query heads.
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.dispatch import attention_mask, xla_attention
+from attention_kernels.dispatch import attention_mask, xla_attention
 from tests.kernels.common import random_qkv, scaled_err
 from tests.kernels.test_reference import numpy_attention
 

@@ -406,7 +406,7 @@ def test_generate_and_score_under_a_mesh_match_one_device(layout):
 def test_pallas_decode_kernel_path_matches_xla_greedy_alone_and_on_a_mesh(tiny, monkeypatch):
     """With attention_impl="pallas" the cache keeps keys as [B, K, S, H] and decode steps go through
     the decode kernel (interpret mode here): tokens equal the XLA model's naive greedy decoding."""
-    from kernels import dispatch
+    from attention_kernels import dispatch
 
     traced, real = [], dispatch.decode_attention
     monkeypatch.setattr(dispatch, "decode_attention", lambda *a, **k: traced.append(a[0].shape) or real(*a, **k))

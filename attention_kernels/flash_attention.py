@@ -3,7 +3,7 @@
 ``flash_attention(q [B, T, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D]) -> out [B, T, Hq, D]``
 (and ``lse [B, Hq, T]`` float32 with ``return_lse=True``). The mask rules and the result of a
 fully masked query row (output 0, lse ``-inf``, zero gradients) are those of
-``kernels/reference.py``; segment id 0 is padding.
+``attention_kernels/reference.py``; segment id 0 is padding.
 
 Design:
 
@@ -22,15 +22,15 @@ Design:
 - Lengths that are not multiples of the block sizes are padded (key padding is masked by
   position -1, by segment 0 or by a static length bound).
 
-Lowering (``backend``): ``"tpu"`` is Mosaic TPU (``kernels/flash_tpu.py``). ``"gpu"`` is Triton
-(``kernels/flash_gpu.py``), chosen over Mosaic GPU for JAX 0.10 because (1) Triton takes the same
+Lowering (``backend``): ``"tpu"`` is Mosaic TPU (``attention_kernels/flash_tpu.py``). ``"gpu"`` is Triton
+(``attention_kernels/flash_gpu.py``), chosen over Mosaic GPU for JAX 0.10 because (1) Triton takes the same
 ``pl.pallas_call`` grid/BlockSpec kernels as the TPU path, while ``pallas_call`` for Mosaic GPU is
 deprecated in 0.10 in favour of ``plgpu.kernel`` with warpgroup-level pipelining, a separate
 program to maintain; (2) Mosaic GPU targets Hopper/Blackwell only and the Triton path runs on
 Ampere (A100, L4) as well as H100; (3) the ops the kernels need (``fori_loop`` with dynamic
 bounds, ``lax.switch``, scalar loads) all lower in Triton. Triton is deprecated from JAX 0.11 on:
-a Mosaic GPU port plugs in behind ``kernels/compat.py`` and the ``backend`` switch, and
-``kernels/dispatch.py`` can fall back to XLA. Default block sizes are untuned starting points
+a Mosaic GPU port plugs in behind ``attention_kernels/compat.py`` and the ``backend`` switch, and
+``attention_kernels/dispatch.py`` can fall back to XLA. Default block sizes are untuned starting points
 (``benchmarks/attention.py`` measures them).
 """
 
@@ -44,9 +44,9 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from kernels import compat, flash_gpu, flash_tpu
-from kernels.block_mask import block_states
-from kernels.reference import SegmentIds, split_segment_ids
+from attention_kernels import compat, flash_gpu, flash_tpu
+from attention_kernels.block_mask import block_states
+from attention_kernels.reference import SegmentIds, split_segment_ids
 
 Array = jax.Array
 

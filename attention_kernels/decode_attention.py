@@ -4,7 +4,7 @@
 (the layout of ``models.llama.KVCache``), with slot validity from ``lengths [B]`` (slots
 ``j < lengths[b]``), from ``pos [B, S]`` (``-1`` = empty slot) and ``query_pos [B]``
 (``pos <= query_pos``), alone or together; rules and fully masked rows (output 0, lse ``-inf``)
-as in ``kernels/reference.py``.
+as in ``attention_kernels/reference.py``.
 
 Design (flash-decoding):
 
@@ -35,10 +35,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import compat
-from kernels import tile_math as tm
-from kernels.block_mask import FULL, PARTIAL, SKIP, pack_fetch, row_ranges, unpack_fetch, unpack_state
-from kernels.flash_attention import choose_block
+from attention_kernels import compat
+from attention_kernels import tile_math as tm
+from attention_kernels.block_mask import FULL, PARTIAL, SKIP, pack_fetch, row_ranges, unpack_fetch, unpack_state
+from attention_kernels.flash_attention import choose_block
 
 Array = jax.Array
 DEFAULT_BLOCK_KV = {"tpu": 512, "gpu": 128}

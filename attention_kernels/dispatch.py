@@ -15,7 +15,7 @@ in the interpreter exactly when there is no accelerator, so ``impl="pallas"`` al
 tests.
 
 The Pallas path asks only for the tiles the mask can reach: causality by position, padding and
-packed segments are skipped block by block (``kernels/block_mask.py``).
+packed segments are skipped block by block (``attention_kernels/block_mask.py``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from kernels import compat
-from kernels.decode_attention import decode_attention
-from kernels.flash_attention import BlockSizes, flash_attention
-from kernels.reference import masked_attention
+from attention_kernels import compat
+from attention_kernels.decode_attention import decode_attention
+from attention_kernels.flash_attention import BlockSizes, flash_attention
+from attention_kernels.reference import masked_attention
 
 Array = jax.Array
 IMPLS = ("auto", "xla", "pallas")

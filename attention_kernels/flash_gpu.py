@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import compat
-from kernels import tile_math as tm
-from kernels.block_mask import row_ranges
+from attention_kernels import compat
+from attention_kernels import tile_math as tm
+from attention_kernels.block_mask import row_ranges
 
 
 def _ids(q_seg, kv_seg, q_pos, kv_pos):

@@ -19,9 +19,9 @@ import functools
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import compat
-from kernels import tile_math as tm
-from kernels.block_mask import FULL, PARTIAL, pack_fetch, unpack_fetch, unpack_state
+from attention_kernels import compat
+from attention_kernels import tile_math as tm
+from attention_kernels.block_mask import FULL, PARTIAL, pack_fetch, unpack_fetch, unpack_state
 
 
 def _mask(shape, i, j, seg, pos, *, causal, kv_len, block_q, block_kv):

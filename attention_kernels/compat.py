@@ -10,7 +10,7 @@ Backends, by the name the kernels use:
 - ``"tpu"``: Mosaic TPU (``jax.experimental.pallas.tpu``): a grid over KV blocks, accumulators in
   VMEM scratch, the block mask in SMEM through scalar prefetch.
 - ``"gpu"``: Triton (``jax.experimental.pallas.triton``): one program per query block, a loop over
-  KV blocks inside the kernel. See ``kernels/flash_attention.py`` for why Triton and not Mosaic GPU.
+  KV blocks inside the kernel. See ``attention_kernels/flash_attention.py`` for why Triton and not Mosaic GPU.
 """
 
 from __future__ import annotations
