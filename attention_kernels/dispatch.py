@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_kernels import compat
-from attention_kernels.decode_attention import decode_attention
+from attention_kernels.decode_attention import combine_splits, decode_attention
 from attention_kernels.flash_attention import BlockSizes, flash_attention
 from attention_kernels.reference import masked_attention
 
@@ -149,15 +149,12 @@ def merge_attention(out_a: Array, lse_a: Array, out_b: Array, lse_b: Array) -> A
     """Attention over two disjoint sets of keys merged into attention over their union.
 
     ``out_* [B, T, N, H]`` and ``lse_* [B, T, N]`` (as `attention` returns with ``return_lse``):
-    each part is reweighted by its share of the joint softmax normalizer. Queries that see
-    nothing in either part return zeros. The result has ``out_a``'s dtype.
+    each part is reweighted by its share of the joint softmax normalizer, as the decode kernel's
+    split-K partials are (`combine_splits`). Queries that see nothing in either part return zeros.
+    The result has ``out_a``'s dtype.
     """
-    top = jnp.maximum(lse_a, lse_b)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    wa, wb = jnp.exp(lse_a - top), jnp.exp(lse_b - top)
-    total = wa + wb
-    total = jnp.where(total == 0, 1.0, total)
-    out = (out_a.astype(jnp.float32) * (wa / total)[..., None] + out_b.astype(jnp.float32) * (wb / total)[..., None])
+    outs = jnp.stack([out_a.astype(jnp.float32), out_b.astype(jnp.float32)], axis=2)  # [B, T, 2, N, H]
+    out, _ = combine_splits(outs, jnp.stack([lse_a, lse_b], axis=2))
     return out.astype(out_a.dtype)
 
 
