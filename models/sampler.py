@@ -539,9 +539,7 @@ def _prefill_fn(graphdef, state, cache, tokens_bt, seg_bt, pos_bt, last_b, h_las
     model = nnx.merge(graphdef, state)
     full = cache
     if rows_g is not None:
-        take = lambda x: jnp.take(x, rows_g, axis=0)
-        cache = dataclasses.replace(cache, k=[take(x) for x in cache.k], v_bksh=[take(x) for x in cache.v_bksh],
-                                    pos=take(cache.pos), end=start)
+        cache = dataclasses.replace(_cache_rows(cache, rows_g), end=start)
     start = cache.end
     h, cache = _forward(model, cache, tokens_bt, pos_bt, seg_bt)
     idx = last_b - start
@@ -564,7 +562,7 @@ def _start_fn(graphdef, mode, expand, state, weights, cache, h_last, src_r, rows
     model = nnx.merge(graphdef, state)
     logits = _logits(model, weights, h_last)
     if expand:
-        cache = _copy_rows_fn(None, cache, src_r)
+        cache = _cache_rows(cache, src_r)
         logits = jnp.take(logits, src_r, axis=1 - weights.vocab_axis)
     tok, lp = _sample(logits, rows.keys, rows.n, knobs, mode, weights.vocab_axis)
     cache = _constrain_tree(_shard_ctx(model), cache, _cache_axes(cache))
@@ -592,11 +590,10 @@ def _decode_fn(graphdef, mode, state, weights, cache, rows, knobs):
     return jax.lax.while_loop(cond, body, (cache, rows))
 
 
-def _copy_rows_fn(ctx, cache, src_r):
-    """Rows ``src_r`` of a cache."""
+def _cache_rows(cache: _DecodeCache, src_r: Array) -> _DecodeCache:
+    """Rows ``src_r`` of a cache (its shared prefix, if any, stays as it is)."""
     rows = lambda x: jnp.take(x, src_r, axis=0)
-    cache = dataclasses.replace(cache, k=[rows(x) for x in cache.k], v_bksh=[rows(x) for x in cache.v_bksh], pos=rows(cache.pos))
-    return _constrain_tree(ctx, cache, _cache_axes(cache))
+    return dataclasses.replace(cache, k=[rows(x) for x in cache.k], v_bksh=[rows(x) for x in cache.v_bksh], pos=rows(cache.pos))
 
 
 def _grow_fn(ctx, capacity, cache):
