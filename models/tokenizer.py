@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any, Optional, Sequence
 
+from models import gguf_tokenizer
 from models.checkpoint_formats import LoadError
 from models.loading import resolve_source
 
@@ -183,6 +184,10 @@ def load_tokenizer(source: str) -> Tokenizer:
     raise LoadError(f"{path}: no tokenizer.json or tokenizer.model found")
 
 
+# Bump when models.gguf_tokenizer builds a different tokenizer from the same file (invalidates caches).
+_GGUF_BUILD = 1
+
+
 def tokenizer_cache_dir() -> str:
     """Where tokenizers converted from GGUF files are kept: ``$METAJUDGE_CACHE/tokenizers``
     (default ``~/.cache/metajudge/tokenizers``)."""
@@ -191,37 +196,35 @@ def tokenizer_cache_dir() -> str:
 
 
 def _gguf_tokenizer(path: str) -> Any:
-    """The transformers tokenizer embedded in a GGUF file.
+    """The tokenizer embedded in a GGUF file, as a transformers fast tokenizer (no torch).
 
-    Building it means parsing the file's whole metadata and converting the vocabulary (~8 s for
-    SmolLM2's 49k tokens), so the result is saved once as a ``tokenizer.json`` directory, keyed
-    by the file's path, size and modification time and by the transformers version, and later
-    loads read that (~0.3 s). A cache that cannot be written is skipped with a log line.
+    :mod:`models.gguf_tokenizer` reads the file's tokenizer fields with the ``gguf`` package and
+    builds it with the ``tokenizers`` library. Parsing the whole metadata takes a few seconds for
+    SmolLM2's 49k tokens, so the result is saved once as a ``tokenizer.json`` directory, keyed by the
+    file's path, size and modification time and by the ``tokenizers`` version, and later loads read
+    that (~0.3 s). A cache that cannot be written is skipped with a log line.
     """
     import hashlib
     import shutil
     import tempfile
 
-    import transformers
+    import tokenizers
     from transformers import PreTrainedTokenizerFast
 
     st = os.stat(path)
-    key = hashlib.sha256(
-        f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|tokenizers-{tokenizers.__version__}|"
+                         f"{_GGUF_BUILD}".encode()).hexdigest()[:16]
     cached = os.path.join(tokenizer_cache_dir(), f"{os.path.basename(path)}-{key}")
     if os.path.exists(os.path.join(cached, "tokenizer.json")):
         try:
-            # The fast-tokenizer class directly: AutoTokenizer would import torch (~3 s) to find it.
             return PreTrainedTokenizerFast.from_pretrained(cached)
         except Exception as e:  # a damaged cache entry: rebuild it from the GGUF
             log.warning("%s: unreadable cached tokenizer (%s); rebuilding it", cached, e)
             shutil.rmtree(cached, ignore_errors=True)
-    from transformers import AutoTokenizer
-
-    try:
-        hf = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
-    except Exception as e:
-        raise LoadError(f"{path}: could not read the tokenizer embedded in the GGUF ({type(e).__name__}: {e})") from None
+    spec = gguf_tokenizer.read_gguf_tokenizer(path)
+    hf = PreTrainedTokenizerFast(tokenizer_object=gguf_tokenizer.build_tokenizer(spec, source=path),
+                                 chat_template=spec.chat_template, clean_up_tokenization_spaces=False,
+                                 **{k: v for k, v in gguf_tokenizer.special_tokens(spec).items() if v is not None})
     try:
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(cached))
