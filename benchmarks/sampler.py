@@ -187,7 +187,7 @@ def main() -> None:
             line += f"\n  hf {hf:.0f} tok/s ({hf_total:.2f}s); first-{first}-token agreement {agree:.2f}; other load {load.cores:.2f}"
         print(line, flush=True)
         if not results:  # the same without prefilling the shared system prompt once (HF cannot)
-            from models.sampler import Buckets
+            from models.buckets import Buckets
 
             with BackgroundLoad() as load:
                 total2, _, _ = run_ours(model, prompts, new, repeats=1, buckets=Buckets(min_shared_prefix=1 << 30))

@@ -319,7 +319,7 @@ def fit_batch(run: DPORunConfig, n_pairs: int, mesh: Any, what: str) -> Optional
 def hidden_cosine(model: Any, tok: Any, pairs: list[dict], batch_size: int = 16) -> float:
     """Mean cosine similarity of chosen vs rejected responses' mean last-layer hidden states under
     ``model`` (actor pairs only): the representation-collapse diagnostic of METHODS.md."""
-    from models.sampler import score
+    from models.scoring import score
 
     actor = [p for p in pairs if p["kind"] == "actor"]
     if not actor:

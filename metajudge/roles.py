@@ -25,7 +25,8 @@ import numpy as np
 from metajudge.judge import aggregate_scores
 from metajudge.meta_judge import verdict_to_result
 from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt, parse_score, parse_winner
-from models.sampler import generate_text, next_token_logprobs
+from models.sampler import generate_text
+from models.scoring import next_token_logprobs
 
 Readout = Literal["parse", "expected"]
 SCORE_LABELS = ("0", "1", "2", "3", "4", "5")

@@ -13,7 +13,7 @@ from flax import nnx
 from scipy import stats
 
 import models
-from models import sampler
+from models import buckets, decode_forward, executables, prefill, sampler, scoring
 from models.sharding import make_mesh
 
 TINY = models.get_config("tiny")  # vocab 256, 2 layers, 4 query / 2 KV heads, 512 positions
@@ -35,7 +35,7 @@ def tied_model(seed: int):
 @pytest.fixture(params=["feature_major", "row_major"])
 def layout(request, monkeypatch):
     """Runs a test with both decode layouts: feature-major (CPU's default) and row-major (accelerators')."""
-    monkeypatch.setattr(sampler, "_FEATURE_MAJOR", request.param == "feature_major")
+    monkeypatch.setattr(decode_forward, "_FEATURE_MAJOR", request.param == "feature_major")
     return request.param
 
 
@@ -74,14 +74,14 @@ def log_softmax(x):
 
 def spy_prefill(monkeypatch) -> list:
     """Records the token-array shape of every prefill call the sampler makes."""
-    calls, real_run = [], sampler._run
+    calls, real_run = [], prefill._run
 
     def spy(name, fn, static, args, **kw):
         if name == "prefill":
             calls.append(args[2].shape)
         return real_run(name, fn, static, args, **kw)
 
-    monkeypatch.setattr(sampler, "_run", spy)
+    monkeypatch.setattr(prefill, "_run", spy)
     return calls
 
 
@@ -149,13 +149,13 @@ def test_decoding_follows_new_parameters_not_stale_copies(layout, monkeypatch):
         np.testing.assert_allclose(lps[0], ref[np.arange(len(prompt) - 1, len(prompt) + 9), toks[0]], atol=2e-4)
         return lps[0]
 
-    made, real_run = [], sampler._run
+    made, real_run = [], decode_forward._run
 
     def spy(name, *args, **kw):
         made.extend([name] if name == "decode_weights" else [])
         return real_run(name, *args, **kw)
 
-    monkeypatch.setattr(sampler, "_run", spy)
+    monkeypatch.setattr(decode_forward, "_run", spy)
     before = check(model)
     check(model)
     assert len(made) == 1  # the copies are made once while the parameters stay the same
@@ -165,7 +165,7 @@ def test_decoding_follows_new_parameters_not_stale_copies(layout, monkeypatch):
 
 
 def test_decode_layout_is_feature_major_on_cpu_by_default(tiny):
-    assert sampler._FEATURE_MAJOR is None and sampler._feature_major(tiny) == (jax.default_backend() == "cpu")
+    assert decode_forward._FEATURE_MAJOR is None and decode_forward._feature_major(tiny) == (jax.default_backend() == "cpu")
 
 
 def test_greedy_does_not_depend_on_batch_composition(tiny, layout):
@@ -185,7 +185,7 @@ def test_shared_prefix_is_prefilled_once_with_the_same_result(tiny, layout, monk
     new = 40  # the rows' slots grow twice (32 -> 48 -> 64) under the shared prefix
     shared = sampler.generate(tiny, prompts, max_new_tokens=new, temperature=0.0)
     assert calls == [(1, 24), (3, 16)]  # the 21-token prefix once (24-token bucket), then the rest
-    unshared = sampler.generate(tiny, prompts, max_new_tokens=new, temperature=0.0, buckets=sampler.Buckets(min_shared_prefix=10**9))
+    unshared = sampler.generate(tiny, prompts, max_new_tokens=new, temperature=0.0, buckets=buckets.Buckets(min_shared_prefix=10**9))
     np.testing.assert_array_equal(shared[0], unshared[0])
     np.testing.assert_allclose(shared[2], unshared[2], atol=1e-4)
     for i, p in enumerate(prompts):
@@ -197,23 +197,23 @@ def test_shared_prefix_is_prefilled_once_with_the_same_result(tiny, layout, monk
 
 
 def test_length_groups_hand_worked():
-    b = sampler.DEFAULT_BUCKETS  # prompt buckets 16, 20, 24, ..., 128, 160; a call costs >= 256 slots
+    b = buckets.DEFAULT_BUCKETS  # prompt buckets 16, 20, 24, ..., 128, 160; a call costs >= 256 slots
     # One group pads every row to 160 slots: 640. Halves sorted by length: 2 * 160 + (2 * 16 -> 256) = 576.
     # Single rows: 4 * 256 = 1024. So two groups of two: the long prompt and the next, then the rest.
-    assert [g.tolist() for g in sampler._length_groups([5, 150, 4, 6], 1, b)] == [[1, 3], [0, 2]]
+    assert [g.tolist() for g in prefill._length_groups([5, 150, 4, 6], 1, b)] == [[1, 3], [0, 2]]
     free = dataclasses.replace(b, prefill_group_tokens=1)  # single rows now cost 160 + 3 * 16 = 208 < 352 < 640
-    assert [g.tolist() for g in sampler._length_groups([5, 150, 4, 6], 1, free)] == [[1], [3], [0], [2]]
-    assert [g.tolist() for g in sampler._length_groups([5, 150, 4, 6], 2, free)] == [[1, 3], [0, 2]]  # rows per device
-    assert [g.tolist() for g in sampler._length_groups([30, 0, 0, 0], 1, free)] == [[0]]  # batch padding is skipped
-    assert [g.tolist() for g in sampler._length_groups([5, 150, 4, 6], 1, dataclasses.replace(free, max_prefill_groups=1))] == [[0, 1, 2, 3]]
-    assert [g.tolist() for g in sampler._length_groups([20, 19, 18], 1, b)] == [[0, 1, 2]]  # 3 rows: no halves
+    assert [g.tolist() for g in prefill._length_groups([5, 150, 4, 6], 1, free)] == [[1], [3], [0], [2]]
+    assert [g.tolist() for g in prefill._length_groups([5, 150, 4, 6], 2, free)] == [[1, 3], [0, 2]]  # rows per device
+    assert [g.tolist() for g in prefill._length_groups([30, 0, 0, 0], 1, free)] == [[0]]  # batch padding is skipped
+    assert [g.tolist() for g in prefill._length_groups([5, 150, 4, 6], 1, dataclasses.replace(free, max_prefill_groups=1))] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in prefill._length_groups([20, 19, 18], 1, b)] == [[0, 1, 2]]  # 3 rows: no halves
 
 
 def test_length_grouped_prefill_matches_plain_forward(tiny, layout, monkeypatch):
     system = prompts_of([20], seed=41)[0]
     prompts = [system + p for p in prompts_of([4, 150, 6, 5], seed=42)]
     calls = spy_prefill(monkeypatch)
-    free = sampler.Buckets(prefill_group_tokens=1)
+    free = buckets.Buckets(prefill_group_tokens=1)
     grouped = sampler.generate(tiny, prompts, max_new_tokens=12, temperature=0.0, buckets=free)
     assert calls == [(1, 20), (1, 160), (1, 16), (1, 16), (1, 16)]  # the prefix, then each row in its own bucket
     whole = sampler.generate(tiny, prompts, max_new_tokens=12, temperature=0.0, buckets=dataclasses.replace(free, max_prefill_groups=1))
@@ -233,7 +233,7 @@ def test_length_grouped_prefill_matches_plain_forward(tiny, layout, monkeypatch)
 
 def test_long_prompt_prefills_in_chunks_with_the_same_result(tiny):
     prompt = prompts_of([300], seed=4)[0]
-    small = sampler.Buckets(prefill_chunk=64)
+    small = buckets.Buckets(prefill_chunk=64)
     chunked, _, _ = sampler.generate(tiny, [prompt], max_new_tokens=8, temperature=0.0, buckets=small)
     assert chunked[0].tolist() == naive_greedy(tiny, prompt, 8)
 
@@ -249,7 +249,7 @@ def test_greedy_matches_hugging_face_on_smollm2(embedded_ours, embedded_hf):
                  "How do I reverse a list in Python?", "Why is the sky blue? Answer in detail."]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
     stops = tuple(tokenizer.eos_token_ids)
-    one_segment = sampler.Buckets(min_capacity=128)  # one decode compilation of the 30-layer model
+    one_segment = buckets.Buckets(min_capacity=128)  # one decode compilation of the 30-layer model
     toks, lens, _ = sampler.generate(ours, prompts, max_new_tokens=32, temperature=0.0, stop_ids=stops, buckets=one_segment)
     for i, p in enumerate(prompts):
         with torch.no_grad():
@@ -346,9 +346,9 @@ def test_empty_and_too_long_prompts_raise_clear_errors(tiny):
 
 def test_compilations_stay_bounded_by_buckets(tiny):
     sampler.generate(tiny, prompts_of([21, 30]), max_new_tokens=10, temperature=0.0)
-    before = sampler.compilation_count()
+    before = executables.compilation_count()
     sampler.generate(tiny, prompts_of([22, 31], seed=1), max_new_tokens=12, temperature=0.0)  # same buckets
-    assert sampler.compilation_count() == before
+    assert executables.compilation_count() == before
 
 
 # --------------------------------------------------------------------------------------- score
@@ -357,7 +357,7 @@ def test_compilations_stay_bounded_by_buckets(tiny):
 def test_score_equals_log_softmax_sum_of_a_plain_forward(tiny):
     prompts = prompts_of([3, 20, 7, 12], seed=10)
     responses = prompts_of([5, 1, 0, 30], seed=11)
-    out = sampler.score(tiny, prompts, responses, return_per_token=True, return_hidden=True, batch_size=3)
+    out = scoring.score(tiny, prompts, responses, return_per_token=True, return_hidden=True, batch_size=3)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         seq = p + r
         lp = log_softmax(full_logits(tiny, [seq])[0])
@@ -366,14 +366,14 @@ def test_score_equals_log_softmax_sum_of_a_plain_forward(tiny):
         np.testing.assert_allclose(out.total[i], want.sum(), atol=1e-3)
         want_h = full_logits(tiny, [seq], hidden=True)[0][len(p):].mean(0) if r else np.zeros(TINY.hidden_size)
         np.testing.assert_allclose(out.hidden[i], want_h, atol=2e-4)
-    totals = sampler.score(tiny, prompts, responses)
+    totals = scoring.score(tiny, prompts, responses)
     np.testing.assert_allclose(totals, out.total, atol=1e-5)
 
 
 def test_generate_logprobs_agree_with_score(tiny, layout):
     prompts = prompts_of([6, 14], seed=12)
     toks, lens, lps = sampler.generate(tiny, prompts, max_new_tokens=10, temperature=0.9, rng=jax.random.key(4))
-    totals = sampler.score(tiny, prompts, [t[:n].tolist() for t, n in zip(toks, lens)])
+    totals = scoring.score(tiny, prompts, [t[:n].tolist() for t, n in zip(toks, lens)])
     np.testing.assert_allclose(totals, lps.sum(1), atol=1e-3)
 
 
@@ -391,16 +391,16 @@ def test_generate_and_score_under_a_mesh_match_one_device(layout):
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[2], b[2], atol=1e-4)
     responses = [t.tolist() for t in b[0]]
-    np.testing.assert_allclose(sampler.score(sharded, prompts, responses), sampler.score(plain, prompts, responses), atol=1e-3)
+    np.testing.assert_allclose(scoring.score(sharded, prompts, responses), scoring.score(plain, prompts, responses), atol=1e-3)
     kw = dict(n_samples=3, max_new_tokens=6, temperature=1.0, top_p=0.9, rng=jax.random.key(6))
     np.testing.assert_array_equal(sampler.generate(sharded, prompts, **kw)[0], sampler.generate(plain, prompts, **kw)[0])
     # Length groups of 4 rows (one per device of the batch axes), gathered from and written back to the cache.
     uneven = prompts_of([40, 3, 5, 2, 33, 4, 6, 3], seed=17)
-    kw = dict(max_new_tokens=6, temperature=0.0, buckets=sampler.Buckets(prefill_group_tokens=1))
+    kw = dict(max_new_tokens=6, temperature=0.0, buckets=buckets.Buckets(prefill_group_tokens=1))
     a, b = sampler.generate(sharded, uneven, **kw), sampler.generate(plain, uneven, **kw)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[2], b[2], atol=1e-4)
-    assert [g.tolist() for g in sampler._length_groups([len(p) for p in uneven], 4, kw["buckets"])] == [[0, 4, 6, 2], [5, 1, 7, 3]]
+    assert [g.tolist() for g in prefill._length_groups([len(p) for p in uneven], 4, kw["buckets"])] == [[0, 4, 6, 2], [5, 1, 7, 3]]
 
 
 def test_pallas_decode_kernel_path_matches_xla_greedy_alone_and_on_a_mesh(tiny, monkeypatch):
@@ -420,7 +420,7 @@ def test_pallas_decode_kernel_path_matches_xla_greedy_alone_and_on_a_mesh(tiny, 
         # Without a mesh the two rows are prefilled as two length groups (32 and 16 slots), which
         # gather and write back keys laid out [B, K, S, H].
         calls = spy_prefill(monkeypatch)
-        toks, _, lps = sampler.generate(model, prompts, max_new_tokens=6, temperature=0.0, buckets=sampler.Buckets(prefill_group_tokens=1))
+        toks, _, lps = sampler.generate(model, prompts, max_new_tokens=6, temperature=0.0, buckets=buckets.Buckets(prefill_group_tokens=1))
         assert calls == ([(1, 20), (1, 32), (1, 16)] if mesh is None else [(4, 20), (4, 32)])
         assert [t.tolist() for t in toks] == want
         ref = sampler.generate(plain, prompts, max_new_tokens=6, temperature=0.0)[2]

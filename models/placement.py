@@ -1,0 +1,54 @@
+"""Where the sampler's and scorer's arrays live on a mesh: the model's sharding context, the batch
+multiple a mesh needs, sharding constraints on pytrees, host inputs placed as global arrays, and
+constants created in place with their sharding. Without a mesh (``ctx is None``) these are plain
+``jnp`` arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.distributed import put_global
+from models.llama import Llama
+from models.sharding import ShardingContext
+
+Array = jax.Array
+
+
+def _shard_ctx(model: Llama) -> Optional[ShardingContext]:
+    return getattr(model, "shard", None)
+
+
+def _batch_multiple(ctx: Optional[ShardingContext]) -> int:
+    return 1 if ctx is None else ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+
+
+def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any:
+    if ctx is None:
+        return tree
+    return jax.tree.map(ctx.constrain, tree, axes)
+
+
+def _put(ctx: Optional[ShardingContext], x: Any, axes: tuple) -> Array:
+    """Host data (the same on every process) as an array laid out by ``axes`` on the mesh."""
+    if ctx is None:
+        return jnp.asarray(x)
+    x = np.asarray(x)
+    return put_global(x, ctx.sharding(axes, x.shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _full_fn(shape: tuple, fill: Any, dtype: Any, sharding: Any):
+    return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)
+
+
+def _full(ctx: Optional[ShardingContext], shape: tuple, fill: Any, dtype: Any, axes: tuple) -> Array:
+    """A constant array created in place with its sharding (never whole on one device first)."""
+    if ctx is None:
+        return jnp.full(shape, fill, dtype)
+    return _full_fn(tuple(shape), fill, jnp.dtype(dtype), ctx.sharding(axes, shape))()
