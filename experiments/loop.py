@@ -58,6 +58,11 @@ class LoopConfig:
     readout: Literal["parse", "expected"] = "parse"
     rho: tuple[float, ...] = (0.0,)  # length-control ρ per iteration (the last value repeats)
     judge_pair_iterations: tuple[int, ...] = (1, 2)
+    # How meta-judge battles become Elo inputs (metajudge/meta_judge.py): "paper" weighs hard
+    # verdicts by the batch's position-bias weights ω; "order_averaged" scores each pair by the
+    # probability that m beats n averaged over both orders, which still ranks judgments when the
+    # meta-judge picks the same position every time (the 135M model does).
+    battle_rule: mj.BattleRule = "paper"
     # Temporal anchoring (METHODS.md): rejected responses anchored to the initial model M_0 and
     # chosen responses from a temporary future model M_f = DPO(M_t, anchored pairs). With
     # method=self_reward this is Temporal Self-Rewarding; with meta_reward, the combination.
@@ -192,7 +197,8 @@ def _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp):
                          readout=cfg.readout, batch_size=cfg.gen_batch_size)
         out = [dict(x, battles=[]) for x in chunk]
         for (j, m, n), r in zip(owners, res):
-            out[j]["battles"].append({"first": m, "second": n, "verdict": r["verdict"], "fallback": r["fallback"]})
+            out[j]["battles"].append({"first": m, "second": n, "verdict": r["verdict"], "fallback": r["fallback"],
+                                       "p_first": r["p_first"]})
         return out
 
     return stage.run(targets, shard, shard_size=cfg.prompts_per_shard, desc=f"iter {t}: meta-judge")
@@ -260,16 +266,23 @@ def future_guided_pairs(anchored: list[dict], future_generated: list[dict], futu
 
 
 def judge_pairs(cfg: LoopConfig, metajudged: list[dict]) -> tuple[list[dict], dict]:
-    """Meta-Rewarding judge pairs: Elo over the position-weighted meta-judge battles."""
+    """Meta-Rewarding judge pairs: Elo over the meta-judge's battle scores under ``cfg.battle_rule``
+    (``paper``: position weights ω over the batch's verdicts; ``order_averaged``: P(m beats n)
+    averaged over both orders)."""
     from metajudge.prompts import judge_prompt
 
-    verdicts = [b["verdict"] for x in metajudged for b in x["battles"]]
+    def p_first(b: dict) -> float:  # runs from before p_first was recorded: from the verdict
+        return b.get("p_first", mj.first_position_probability(b["verdict"]))
+
+    battles = [b for x in metajudged for b in x["battles"]]
+    verdicts = [b["verdict"] for b in battles]
     w1, w2 = mj.positional_weights(verdicts)
     pairs, spreads = [], []
     for x in metajudged:
         n = len(x["judgments"])
         r = mj.results_matrix(n, {(b["first"], b["second"]): b["verdict"] for b in x["battles"]})
-        elo = mj.elo_scores(mj.battle_matrix(r, w1, w2))
+        p = mj.probability_matrix(n, {(b["first"], b["second"]): p_first(b) for b in x["battles"]})
+        elo = mj.elo_scores(mj.battle_scores(cfg.battle_rule, r, p, (w1, w2)))
         spreads.append(float(elo.max() - elo.min()))
         sel = mj.judge_pair(elo, [len(j) for j in x["judgments"]], cfg.judgment_max_chars)
         if sel is not None:
@@ -277,9 +290,10 @@ def judge_pairs(cfg: LoopConfig, metajudged: list[dict]) -> tuple[list[dict], di
             pairs.append({"kind": "judge", "id": x["id"], "prompt": judge_prompt(x["prompt"], x["response"]),
                           "chosen": x["judgments"][c], "rejected": x["judgments"][rj]})
     decisive = sum(v != 0 for v in verdicts)
-    stats = {"judge_pairs": len(pairs), "position_weights": [w1, w2],
+    stats = {"judge_pairs": len(pairs), "position_weights": [w1, w2], "battle_rule": cfg.battle_rule,
              "elo_spread": float(np.mean(spreads)) if spreads else float("nan"),
-             "first_position_win_rate": (sum(v == 1 for v in verdicts) / decisive) if decisive else float("nan")}
+             "first_position_win_rate": (sum(v == 1 for v in verdicts) / decisive) if decisive else float("nan"),
+             "first_position_prob": float(np.mean([p_first(b) for b in battles])) if battles else float("nan")}
     return pairs, stats
 
 
@@ -398,7 +412,7 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
         metajudged = None
         if cfg.method == "meta_reward" and t in cfg.judge_pair_iterations:
             metajudged = _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp)
-        pairs_fp = {**base_fp, "temporal": cfg.temporal}
+        pairs_fp = {**base_fp, "temporal": cfg.temporal, "battle_rule": cfg.battle_rule}
         pairs_stage = Stage(os.path.join(it_dir, "pairs"), "pairs", fingerprint_of=pairs_fp)
         pairs_path = os.path.join(pairs_stage.dir, "pairs.jsonl")
         if not pairs_stage.done:

@@ -33,7 +33,7 @@ def smollm2_cpu() -> LoopConfig:
     SmolLM2-135M rarely writes a parseable `Score:` line, so scores are read with `expected`.
     """
     return LoopConfig(
-        iterations=1, prompts_per_iteration=6, prompts_per_shard=3, readout="expected",
+        iterations=1, prompts_per_iteration=6, prompts_per_shard=3, readout="expected", battle_rule="order_averaged",
         actor=Sampling(n=3, temperature=0.8, top_p=0.95, max_new_tokens=96),
         judge=Sampling(n=3, temperature=0.8, top_p=0.95, max_new_tokens=48),
         meta_judge=Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=48),

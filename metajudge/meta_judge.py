@@ -5,6 +5,13 @@ Conventions
 * A battle ``(m, n)`` shows judgment m in the first position (``Judgment A``) and judgment n in
   the second (``Judgment B``). Its result ``r^{mn}`` is 1 if the first position wins, -1 if the
   second wins, 0 for a tie or an unparsable verdict (:func:`verdict_to_result`).
+* ``p[m, n]`` is the probability that the first position wins battle (m, n): 1 or 0 for a parsed
+  verdict, p(A) / (p(A) + p(B)) from the meta-judge's next-token probabilities otherwise
+  (:func:`first_position_probability`).
+* Two battle-score rules (``BATTLE_RULES``): ``"paper"``, the positional weights ω of
+  Meta-Rewarding over hard verdicts (:func:`battle_matrix`), and ``"order_averaged"``, the
+  probability that m beats n averaged over both orders (:func:`order_averaged_matrix`), which
+  cancels a position bias battle by battle instead of by batch-wide counts.
 * Elo scores are Bradley-Terry log-strengths (natural-log scale, not chess points): the model says
   judgment m beats n with probability σ(e_m - e_n).
 """
@@ -12,13 +19,15 @@ Conventions
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
 from metajudge.prompts import Winner
 
 Pair = tuple[int, int]
+BattleRule = Literal["paper", "order_averaged"]
+BATTLE_RULES: tuple[str, ...] = ("paper", "order_averaged")
 
 
 def battle_pairs(n: int) -> list[Pair]:
@@ -32,6 +41,16 @@ def battle_pairs(n: int) -> list[Pair]:
 def verdict_to_result(verdict: Optional[Winner]) -> int:
     """r = 1 for ``"A"`` (first position wins), -1 for ``"B"``, 0 for None (tie or unparsable)."""
     return {"A": 1, "B": -1, None: 0}[verdict]
+
+
+def first_position_probability(result: int, p_a: Optional[float] = None, p_b: Optional[float] = None) -> float:
+    """p(first position wins) of one battle: ``p_a / (p_a + p_b)`` when the meta-judge's
+    probabilities of ``A`` and ``B`` are given (and not both 0), else 1, 0 or 1/2 for r = 1, -1, 0.
+    Example: p_a = 0.6, p_b = 0.2 -> 0.75; r = -1 alone -> 0.0.
+    """
+    if p_a is not None and p_b is not None and p_a + p_b > 0:
+        return float(p_a) / (float(p_a) + float(p_b))
+    return {1: 1.0, -1: 0.0, 0: 0.5}[int(result)]
 
 
 def positional_weights(verdicts: Iterable[int]) -> tuple[float, float]:
@@ -68,6 +87,33 @@ def battle_matrix(r: np.ndarray, w1: float, w2: float) -> np.ndarray:
     return b.astype(np.float64)
 
 
+def order_averaged_matrix(p: np.ndarray) -> np.ndarray:
+    """Battle scores ``B[m, n] = (p[m, n] + 1 - p[n, m]) / 2``, float64 ``[N, N]``, diagonal 0.
+
+    ``p[m, n]`` is the probability that the first position wins battle (m, n) (m shown first).
+    B[m, n] is the probability that m beats n, averaged over the two orders, so B[m, n] + B[n, m] = 1
+    and a meta-judge that always prefers one position (p constant) gives B = 1/2 everywhere: its
+    bias cancels in every battle, and only what depends on the judgments themselves remains.
+    Example: p[0, 1] = 0.8, p[1, 0] = 0.7 -> B[0, 1] = 0.55, B[1, 0] = 0.45.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != p.shape[1] or not ((p >= 0) & (p <= 1)).all():
+        raise ValueError(f"p must be a square matrix of probabilities; got shape {p.shape}")
+    b = 0.5 * (p + 1.0 - p.T)
+    np.fill_diagonal(b, 0.0)
+    return b
+
+
+def battle_scores(rule: BattleRule, r: np.ndarray, p: np.ndarray, weights: tuple[float, float]) -> np.ndarray:
+    """The battle matrix of ``rule``: :func:`battle_matrix` of the verdicts ``r`` with the batch's
+    ``weights`` (ω1, ω2) for ``"paper"``, :func:`order_averaged_matrix` of ``p`` for ``"order_averaged"``."""
+    if rule == "paper":
+        return battle_matrix(r, *weights)
+    if rule == "order_averaged":
+        return order_averaged_matrix(p)
+    raise ValueError(f"battle rule {rule!r}: expected one of {', '.join(BATTLE_RULES)}")
+
+
 def results_matrix(n: int, results: Mapping[Pair, int]) -> np.ndarray:
     """The ``[n, n]`` verdict matrix ``r`` from a mapping ``(m, k) -> r^{mk}``; absent battles are 0."""
     r = np.zeros((n, n), dtype=np.int64)
@@ -76,6 +122,17 @@ def results_matrix(n: int, results: Mapping[Pair, int]) -> np.ndarray:
             raise ValueError(f"bad battle {(m, k)} -> {v} for n={n}")
         r[m, k] = v
     return r
+
+
+def probability_matrix(n: int, probs: Mapping[Pair, float]) -> np.ndarray:
+    """The ``[n, n]`` matrix ``p`` from a mapping ``(m, k) -> p(first position wins battle (m, k))``;
+    absent battles (and the diagonal) are 1/2, no preference."""
+    p = np.full((n, n), 0.5)
+    for (m, k), v in probs.items():
+        if m == k or not (0 <= m < n and 0 <= k < n) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"bad battle {(m, k)} -> {v} for n={n}")
+        p[m, k] = v
+    return p
 
 
 def _bt_objective(b: np.ndarray, e: np.ndarray, l2: float) -> float:

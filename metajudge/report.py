@@ -26,6 +26,7 @@ COLUMNS = (
     ("future_chosen", "future chosen", "{:d}"),
     ("initial_rejected", "initial rejected", "{:d}"),
     ("first_position_win_rate", "meta 1st-pos win", "{:.0%}"),
+    ("first_position_prob", "meta p(1st)", "{:.2f}"),
     ("elo_spread", "Elo spread", "{:.2f}"),
 )
 
@@ -91,6 +92,7 @@ def iteration_metrics(
         "hidden_cosine": pair_stats.get("hidden_cosine", float("nan")),
         "initial_grad_norm": first.get("grad_norm", float("nan")),
         "first_position_win_rate": pair_stats.get("first_position_win_rate", float("nan")),
+        "first_position_prob": pair_stats.get("first_position_prob", float("nan")),
         "elo_spread": pair_stats.get("elo_spread", float("nan")),
     }
     for key in ("future_chosen", "initial_rejected"):  # temporal anchoring: where pairs came from

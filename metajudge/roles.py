@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from metajudge.judge import aggregate_scores
-from metajudge.meta_judge import verdict_to_result
+from metajudge.meta_judge import first_position_probability, verdict_to_result
 from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt, parse_score, parse_winner
 from models.sampler import generate_text
 from models.scoring import next_token_logprobs
@@ -146,12 +146,15 @@ def meta_judge(
     batch_size: int = 64,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """One verdict per ``(instruction, response, judgment_a, judgment_b)``: r in {1, -1, 0}."""
+    """One verdict per ``(instruction, response, judgment_a, judgment_b)``: r in {1, -1, 0}, and
+    ``p_first``, the probability that judgment A (the first position) wins: 1, 0 or 1/2 from a
+    parsed verdict, p(A) / (p(A) + p(B)) where the ``expected`` readout fills in a fallback."""
     _check_readout(readout)
     prompts = [meta_judge_prompt(i, r, a, b, templates) for i, r, a, b in battles]
     texts = [row[0] for row in _generate(model, tokenizer, prompts, dataclasses.replace(s, n=1), rng, batch_size, progress)]
     verdicts = [verdict_to_result(parse_winner(t)) for t in texts]
     fallback = [parse_winner(t) is None for t in texts]
+    p_first = [first_position_probability(v) for v in verdicts]
     if readout == "expected":
         idx = [i for i, f in enumerate(fallback) if f]
         if idx:
@@ -159,7 +162,9 @@ def meta_judge(
                                   "Winner: Judgment", ("A", "B"), batch_size)
             for i, (pa, pb) in zip(idx, probs):
                 verdicts[i] = 1 if pa > pb else -1 if pb > pa else 0
-    return [{"text": t, "verdict": v, "fallback": f} for t, v, f in zip(texts, verdicts, fallback)]
+                p_first[i] = first_position_probability(verdicts[i], pa, pb)
+    return [{"text": t, "verdict": v, "fallback": f, "p_first": p}
+            for t, v, f, p in zip(texts, verdicts, fallback, p_first)]
 
 
 def shard_rng(seed: int, *parts: int) -> jax.Array:

@@ -156,3 +156,20 @@ def test_fit_batch_shrinks_to_what_the_pairs_fill_on_the_mesh():
     assert fit_batch(run, 40, Mesh, "x") is run
     assert fit_batch(run, 13, Mesh, "x").batch_size == 8  # multiples of data*fsdp*grad_accum = 4*2
     assert fit_batch(run, 7, Mesh, "x") is None
+
+
+def test_order_averaged_battle_rule_ranks_judgments_from_first_position_probabilities():
+    generated, judged, metajudged = _records()
+    # p(first wins) per battle; averaged over both orders: P(0 beats 1) = (0.9 + 1 - 0.6) / 2 = 0.65,
+    # P(0 beats 2) = (0.9 + 1 - 0.7) / 2 = 0.6, P(1 beats 2) = (0.8 + 1 - 0.9) / 2 = 0.45:
+    # 0 is best, 1 is worst (it loses to both).
+    p = {(0, 1): 0.9, (1, 0): 0.6, (0, 2): 0.9, (2, 0): 0.7, (1, 2): 0.8, (2, 1): 0.9}
+    for b in metajudged[0]["battles"]:
+        b["p_first"] = p[(b["first"], b["second"])]
+    cfg = dataclasses.replace(LoopConfig(), battle_rule="order_averaged")
+    pairs, stats = build_pairs(cfg, 1, generated, judged, metajudged)
+    judge = [(q["chosen"], q["rejected"]) for q in pairs if q["kind"] == "judge"]
+    assert judge == [("long judgment d", "e")]
+    assert stats["battle_rule"] == "order_averaged"
+    assert stats["first_position_prob"] == pytest.approx(sum(p.values()) / 6)
+    assert stats["first_position_win_rate"] == pytest.approx(4 / 6)  # from the verdicts, either rule

@@ -10,9 +10,13 @@ from hypothesis import strategies as st
 from metajudge.meta_judge import (
     battle_matrix,
     battle_pairs,
+    battle_scores,
     elo_scores,
+    first_position_probability,
     judge_pair,
+    order_averaged_matrix,
     positional_weights,
+    probability_matrix,
     results_matrix,
     verdict_to_result,
 )
@@ -234,3 +238,52 @@ def test_elo_with_judgments_that_had_no_battles_is_finite_and_zero_for_them():
     assert np.all(np.isfinite(e)) and abs(e.sum()) < 1e-9
     assert e[0] > 0 > e[1] and abs(e[2]) < 1e-6
     assert np.all(elo_scores(np.zeros((4, 4))) == 0.0)
+
+
+def test_first_position_probability_from_probabilities_or_the_verdict():
+    assert first_position_probability(1, 0.6, 0.2) == pytest.approx(0.75)
+    assert first_position_probability(-1, 0.1, 0.3) == pytest.approx(0.25)
+    assert [first_position_probability(r) for r in (1, -1, 0)] == [1.0, 0.0, 0.5]
+    assert first_position_probability(0, 0.0, 0.0) == 0.5  # no mass on either letter: the verdict decides
+
+
+def test_order_averaged_matrix_hand_example():
+    # p[0,1] = 0.8 (0 shown first wins w.p. 0.8), p[1,0] = 0.7 (1 shown first wins w.p. 0.7):
+    # B[0,1] = (0.8 + 1 - 0.7) / 2 = 0.55, B[1,0] = (0.7 + 1 - 0.8) / 2 = 0.45
+    b = order_averaged_matrix(np.array([[0.5, 0.8], [0.7, 0.5]]))
+    np.testing.assert_allclose(b, [[0.0, 0.55], [0.45, 0.0]])
+    # Two players: the Elo difference is log(B01 / B10) (the l2 term shrinks it by ~1e-3).
+    e = elo_scores(b, l2=1e-9)
+    assert e[0] - e[1] == pytest.approx(np.log(0.55 / 0.45), rel=1e-6)
+
+
+def test_order_averaged_scores_cancel_a_constant_position_bias_that_the_paper_rule_cannot_rank():
+    # A meta-judge that says "A" every time, with p(A) slightly higher when judgment 2 is shown first
+    # and slightly lower when judgment 0 is: the paper's weights make every battle the same score
+    # (flat Elo, no pair); the order-averaged scores still rank 2 > 1 > 0.
+    n = 3
+    lean = {0: -0.02, 1: 0.0, 2: 0.02}
+    pairs = battle_pairs(n)
+    p = probability_matrix(n, {(m, k): 0.8 + lean[m] - lean[k] for m, k in pairs})
+    r = results_matrix(n, {pair: 1 for pair in pairs})
+    w = positional_weights(r[~np.eye(n, dtype=bool)])
+    flat = elo_scores(battle_scores("paper", r, p, w))
+    assert judge_pair(flat, [1, 1, 1], max_len=None) is None
+    ranked = elo_scores(battle_scores("order_averaged", r, p, w))
+    assert ranked[2] > ranked[1] > ranked[0]
+    assert judge_pair(ranked, [1, 1, 1], max_len=None) == (2, 0)
+    # Numpy oracle of the rule, battle by battle.
+    b = battle_scores("order_averaged", r, p, w)
+    for m, k in pairs:
+        assert b[m, k] == pytest.approx(0.5 * (p[m, k] + 1 - p[k, m]))
+        assert b[m, k] + b[k, m] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="battle rule 'x'"):
+        battle_scores("x", r, p, w)
+
+
+def test_probability_matrix_fills_absent_battles_with_one_half_and_rejects_bad_entries():
+    np.testing.assert_allclose(probability_matrix(2, {(0, 1): 0.9}), [[0.5, 0.9], [0.5, 0.5]])
+    with pytest.raises(ValueError):
+        probability_matrix(2, {(0, 1): 1.5})
+    with pytest.raises(ValueError):
+        probability_matrix(2, {(1, 1): 0.5})
