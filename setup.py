@@ -33,6 +33,8 @@ setup(
         "tpu": ["jax[tpu]>=0.6.1,<0.12"],
         "cuda": ["jax[cuda12]>=0.6.1,<0.12"],
         "tfds": ["tensorflow-datasets>=4.9"],
+        # The peers the benchmarks compare against (make bench): HF transformers on torch, TRL's DPOTrainer.
+        "bench": ["torch==2.13.0", "accelerate>=1.0", "trl>=1.0,<2", "datasets>=3.0"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0",
                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.results import emit
 from attention_kernels import compat
 from attention_kernels.flash_attention import flash_attention
 
@@ -240,10 +241,11 @@ def main(argv=None) -> int:
     elif compat.platform() not in compat.BACKENDS:
         print(f"no accelerator (default backend {jax.default_backend()!r}): attention benchmarks need a TPU or GPU; "
               "run with --interpret for a CPU smoke test")
-        print("accelerator=none")
+        emit("attention", {"accelerator": "none"})
         return 0
     results = run(args)
-    print(" ".join(f"{k}={v:.3f}" for k, v in ratios(results, args.lengths).items()) or "ratios=none")
+    found = ratios(results, args.lengths)
+    emit("attention", found or {"ratios": "none"}, digits=dict.fromkeys(found, 3))
     return 0
 
 

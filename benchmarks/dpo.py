@@ -19,7 +19,7 @@ per token = 3 x the forward matmul FLOPs of ``LlamaConfig.flops_per_token(contex
 prompt positions before ``first_loss_position``, which carry no loss and which we skip (counting
 them would raise our MFU by the work we do not do).
 
-TRL is not a dependency of the project: ``pip install trl`` into the venv to run this.
+TRL comes with the ``bench`` extra (``make bench`` installs it).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from benchmarks.results import emit
 
 PROMPT_LEN = 128
 
@@ -207,7 +209,8 @@ def main(argv=None) -> None:
     print(f"ours {ours_s:.2f}s/step, trl {trl_s:.2f}s/step (trl {trl.__version__}); "
           f"model {flops / 1e12:.2f} TFLOP/step, ours {flops / ours_s / 1e9:.1f} GFLOP/s, trl MFU {flops / trl_s / peak:.3f}",
           file=sys.stderr)
-    print(f"dpo_tok_s={tokens / ours_s:.1f} trl_tok_s={tokens / trl_s:.1f} ratio_vs_trl={trl_s / ours_s:.2f} mfu={mfu:.3f}")
+    emit("dpo", {"dpo_tok_s": tokens / ours_s, "trl_tok_s": tokens / trl_s, "ratio_vs_trl": trl_s / ours_s, "mfu": mfu},
+         digits={"dpo_tok_s": 1, "trl_tok_s": 1, "mfu": 3})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from benchmarks.results import emit
+
 QUESTIONS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Write a haiku about the sea.",
     "How do I reverse a list in Python?", "What causes the seasons on Earth?", "Give me three tips for better sleep.",
@@ -195,7 +197,8 @@ def main() -> None:
                   f"other load {load.cores:.2f}", flush=True)
         results.append((ours, hf, ours / hf, frac))
     ours, hf, ratio, frac = results[0]
-    print(f"sampler_tok_s={ours:.1f} hf_tok_s={hf:.1f} ratio_vs_hf={ratio:.2f} roofline_frac={frac:.2f}")
+    emit("sampler", {"sampler_tok_s": ours, "hf_tok_s": hf, "ratio_vs_hf": ratio, "roofline_frac": frac},
+         digits={"sampler_tok_s": 1, "hf_tok_s": 1})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ from models.loading import resolve_source
 
 log = logging.getLogger(__name__)
 
+# transformers advises at import that "PyTorch was not found": true of the base install and
+# harmless, since only its tokenizers are used here. A user's own setting of the variable wins.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 Message = dict[str, str]
 
 # Used only when a SentencePiece checkpoint ships no chat template of its own.
