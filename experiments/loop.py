@@ -1,10 +1,11 @@
 """The self-improvement loop shared by Self-Rewarding and Meta-Rewarding (METHODS.md).
 
 Per iteration t: prompts -> generate (actor, K samples) -> judge (N judgments per response) ->
-meta_judge (Meta-Rewarding, iterations listed in ``judge_pair_iterations``) -> pairs -> dpo
-(reference log-probs, then training; M_{t+1} saved in HF format) -> report. Every stage writes
-under ``<out>/iter_<t>/<stage>/`` atomically with a manifest (``metajudge.stages``), so a killed
-run restarts where it stopped and ends with the same pairs as an uninterrupted one.
+meta_judge (Meta-Rewarding, iterations listed in ``judge_pair_iterations``) -> pairs (the rules of
+``metajudge.pair_assembly``) -> dpo (reference log-probs, then training; M_{t+1} saved in HF
+format) -> report. Every stage writes under ``<out>/iter_<t>/<stage>/`` atomically with a manifest
+(``metajudge.stages``), so a killed run restarts where it stopped and ends with the same pairs as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from experiments.dpo import DPORunConfig, run_dpo
 from experiments.evaluate import EvalConfig, evaluate_iteration
 from experiments.sft import tiny_config
 from metajudge import meta_judge as mj
-from metajudge.judge import highest_variance_index
-from metajudge.pairs import select_actor_pair
+from metajudge.pair_assembly import anchored_pairs, build_pairs, future_guided_pairs, meta_judge_targets
 from metajudge.prompt_sources import iteration_prompts, load_prompts_jsonl, load_seed_prompts, split_prompts
 from metajudge.report import iteration_metrics, write_report
 from metajudge.roles import Sampling, act, judge, meta_judge, shard_rng
 from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_atomic
-from metajudge.temporal import anchored_pair, future_guided_chosen
 from metajudge.train import TrainConfig
 from models import distributed
 
@@ -165,24 +164,8 @@ def _judge_stage(cfg, it_dir, t, generated, model, tok, base_fp, name="judge"):
     return stage.run(items, shard, shard_size=shard_size, desc=f"iter {t}: {name}")
 
 
-def _by_prompt(judged: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in judged:
-        out.setdefault(r["id"], []).append(r)
-    for rows in out.values():
-        rows.sort(key=lambda r: r["response_index"])
-    return out
-
-
 def _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp):
-    by_prompt = _by_prompt(judged)
-    targets = []
-    for g in generated:
-        rows = by_prompt[g["id"]]
-        k = highest_variance_index([r["scores"] for r in rows])
-        if k is not None:
-            targets.append({"id": g["id"], "prompt": g["prompt"], "response_index": k,
-                            "response": g["responses"][k], "judgments": rows[k]["judgments"]})
+    targets = meta_judge_targets(generated, judged)
     stage = Stage(os.path.join(it_dir, "meta_judge"), "meta_judge",
                   fingerprint_of={**base_fp, "meta_judge": dataclasses.asdict(cfg.meta_judge),
                                   "readout": cfg.readout, "targets": [x["id"] for x in targets]})
@@ -202,116 +185,6 @@ def _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp):
         return out
 
     return stage.run(targets, shard, shard_size=cfg.prompts_per_shard, desc=f"iter {t}: meta-judge")
-
-
-def _actor_record(g: dict, chosen: str, rejected: str, s_c: float, s_r: float, **extra: Any) -> dict:
-    return {"kind": "actor", "id": g["id"], "prompt": g["prompt"], "chosen": chosen, "rejected": rejected,
-            "chosen_score": float(s_c), "rejected_score": float(s_r), **extra}
-
-
-def actor_pairs(cfg: LoopConfig, t: int, generated: list[dict], judged: list[dict]) -> list[dict]:
-    """Self-/Meta-Rewarding actor pairs: best vs worst mean score with length control ``rho_at(t)``."""
-    by_prompt = _by_prompt(judged)
-    pairs = []
-    for g in generated:
-        scores = [r["mean"] for r in by_prompt[g["id"]]]
-        sel = select_actor_pair(scores, [len(x) for x in g["responses"]], cfg.rho_at(t))
-        if sel is not None:
-            c, r = sel
-            pairs.append(_actor_record(g, g["responses"][c], g["responses"][r], scores[c], scores[r]))
-    return pairs
-
-
-def anchored_pairs(generated: list[dict], judged: list[dict], initial_generated: Optional[list[dict]],
-                   initial_judged: Optional[list[dict]]) -> list[dict]:
-    """D1 of Temporal Self-Rewarding: M_t's best vs the lower of M_0's worst and M_t's worst.
-
-    All scores are M_t's judgments. Without initial responses (iteration 1, where M_0 = M_t) the
-    rejected is M_t's worst. Records carry ``rejected_source`` ("initial" or "current").
-    """
-    by_prompt = _by_prompt(judged)
-    init_gen = {g["id"]: g for g in initial_generated or []}
-    init_scores = {pid: [r["mean"] for r in rows] for pid, rows in _by_prompt(initial_judged or []).items()}
-    pairs = []
-    for g in generated:
-        scores = [r["mean"] for r in by_prompt[g["id"]]]
-        initial = init_scores.get(g["id"], [])
-        sel = anchored_pair(scores, initial)
-        if sel is None:
-            continue
-        c, source, r = sel
-        rejected, s_r = ((init_gen[g["id"]]["responses"][r], initial[r]) if source == "initial"
-                         else (g["responses"][r], scores[r]))
-        pairs.append(_actor_record(g, g["responses"][c], rejected, scores[c], s_r,
-                                   chosen_source="current", rejected_source=source))
-    return pairs
-
-
-def future_guided_pairs(anchored: list[dict], future_generated: list[dict], future_judged: list[dict]) -> list[dict]:
-    """D2 of Temporal Self-Rewarding: the future model's best replaces an anchored pair's chosen
-    response when M_t scores it strictly higher; the rejected is kept; ties are dropped."""
-    fut_gen = {g["id"]: g for g in future_generated}
-    fut_scores = {pid: [r["mean"] for r in rows] for pid, rows in _by_prompt(future_judged).items()}
-    pairs = []
-    for p in anchored:
-        sel = future_guided_chosen(p["chosen_score"], p["rejected_score"], fut_scores.get(p["id"], []))
-        if sel is None:
-            continue
-        source, i = sel
-        if source == "future":
-            p = dict(p, chosen=fut_gen[p["id"]]["responses"][i], chosen_score=float(fut_scores[p["id"]][i]),
-                     chosen_source="future")
-        pairs.append(p)
-    return pairs
-
-
-def judge_pairs(cfg: LoopConfig, metajudged: list[dict]) -> tuple[list[dict], dict]:
-    """Meta-Rewarding judge pairs: Elo over the meta-judge's battle scores under ``cfg.battle_rule``
-    (``paper``: position weights ω over the batch's verdicts; ``order_averaged``: P(m beats n)
-    averaged over both orders)."""
-    from metajudge.prompts import judge_prompt
-
-    def p_first(b: dict) -> float:  # runs from before p_first was recorded: from the verdict
-        return b.get("p_first", mj.first_position_probability(b["verdict"]))
-
-    battles = [b for x in metajudged for b in x["battles"]]
-    verdicts = [b["verdict"] for b in battles]
-    w1, w2 = mj.positional_weights(verdicts)
-    pairs, spreads = [], []
-    for x in metajudged:
-        n = len(x["judgments"])
-        r = mj.results_matrix(n, {(b["first"], b["second"]): b["verdict"] for b in x["battles"]})
-        p = mj.probability_matrix(n, {(b["first"], b["second"]): p_first(b) for b in x["battles"]})
-        elo = mj.elo_scores(mj.battle_scores(cfg.battle_rule, r, p, (w1, w2)))
-        spreads.append(float(elo.max() - elo.min()))
-        sel = mj.judge_pair(elo, [len(j) for j in x["judgments"]], cfg.judgment_max_chars)
-        if sel is not None:
-            c, rj = sel
-            pairs.append({"kind": "judge", "id": x["id"], "prompt": judge_prompt(x["prompt"], x["response"]),
-                          "chosen": x["judgments"][c], "rejected": x["judgments"][rj]})
-    decisive = sum(v != 0 for v in verdicts)
-    stats = {"judge_pairs": len(pairs), "position_weights": [w1, w2], "battle_rule": cfg.battle_rule,
-             "elo_spread": float(np.mean(spreads)) if spreads else float("nan"),
-             "first_position_win_rate": (sum(v == 1 for v in verdicts) / decisive) if decisive else float("nan"),
-             "first_position_prob": float(np.mean([p_first(b) for b in battles])) if battles else float("nan")}
-    return pairs, stats
-
-
-def build_pairs(cfg: LoopConfig, t: int, generated: list[dict], judged: list[dict], metajudged: Optional[list[dict]],
-                actor: Optional[list[dict]] = None) -> tuple[list[dict], dict]:
-    """Actor pairs (``actor`` when given, e.g. temporally anchored ones; else length-controlled
-    best vs worst) and judge pairs (Elo over meta-judge battles) as DPO records, with statistics."""
-    pairs = actor if actor is not None else actor_pairs(cfg, t, generated, judged)
-    gaps = [p["chosen_score"] - p["rejected_score"] for p in pairs]
-    stats: dict[str, Any] = {"actor_pairs": len(pairs), "score_gap": float(np.mean(gaps)) if gaps else float("nan")}
-    if actor is not None:
-        stats["future_chosen"] = sum(p.get("chosen_source") == "future" for p in pairs)
-        stats["initial_rejected"] = sum(p.get("rejected_source") == "initial" for p in pairs)
-    if metajudged:
-        jp, js = judge_pairs(cfg, metajudged)
-        pairs = pairs + jp
-        stats.update(js)
-    return pairs, stats
 
 
 # --------------------------------------------------------------------------------------- loop
@@ -420,7 +293,8 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
             if cfg.temporal:
                 actor = _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model, config, tok,
                                               base_fp, mesh)
-            pairs, pair_stats = build_pairs(cfg, t, generated, judged, metajudged, actor=actor)
+            pairs, pair_stats = build_pairs(generated, judged, metajudged, rho=cfg.rho_at(t), battle_rule=cfg.battle_rule,
+                                            judgment_max_chars=cfg.judgment_max_chars, actor=actor)
             pair_stats["hidden_cosine"] = hidden_cosine(model, tok, pairs)
             write_jsonl_atomic(pairs_path, pairs)
             pairs_stage.finish(pair_stats)

@@ -1,12 +1,14 @@
-"""The loop's pair building on hand-made stage records (no model)."""
+"""Pair assembly (stage records -> DPO records) on hand-made stage records (no model)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from experiments.loop import LoopConfig, build_pairs
+from metajudge.pair_assembly import anchored_pairs, build_pairs, future_guided_pairs
+
+# The loop's default settings (LoopConfig): rho 0 in iteration 1, the paper's battle rule,
+# judgments over 1500 characters dropped.
+DEFAULTS = dict(rho=0.0, battle_rule="paper", judgment_max_chars=1500)
 
 
 def _records():
@@ -35,7 +37,7 @@ def _records():
 
 def test_actor_and_judge_pairs_from_hand_worked_records():
     generated, judged, metajudged = _records()
-    pairs, stats = build_pairs(LoopConfig(), 1, generated, judged, metajudged)
+    pairs, stats = build_pairs(generated, judged, metajudged, **DEFAULTS)
     actor = [p for p in pairs if p["kind"] == "actor"]
     judge = [p for p in pairs if p["kind"] == "judge"]
     assert [(p["chosen"], p["rejected"]) for p in actor] == [("Red.", "Blue is a colour of the sky.")]
@@ -50,14 +52,9 @@ def test_actor_and_judge_pairs_from_hand_worked_records():
 
 def test_judgment_length_cap_drops_the_judge_pair():
     generated, judged, metajudged = _records()
-    cfg = dataclasses.replace(LoopConfig(), judgment_max_chars=5)  # "long judgment d" has 15 chars
-    pairs, stats = build_pairs(cfg, 1, generated, judged, metajudged)
+    cfg = dict(DEFAULTS, judgment_max_chars=5)  # "long judgment d" has 15 chars
+    pairs, stats = build_pairs(generated, judged, metajudged, **cfg)
     assert stats["judge_pairs"] == 0 and all(p["kind"] == "actor" for p in pairs)
-
-
-def test_rho_schedule_takes_the_iteration_value_and_repeats_the_last():
-    cfg = dataclasses.replace(LoopConfig(), rho=(0.0, 0.32, 0.4))
-    assert [cfg.rho_at(t) for t in (1, 2, 3, 4, 5)] == [0.0, 0.32, 0.4, 0.4, 0.4]
 
 
 def _judged(pid, means):
@@ -65,8 +62,6 @@ def _judged(pid, means):
 
 
 def test_anchored_then_future_guided_pairs_on_hand_worked_records():
-    from experiments.loop import anchored_pairs, future_guided_pairs
-
     generated = [{"id": p, "prompt": p + "?", "responses": [f"{p}-cur{k}" for k in range(3)]} for p in ("a", "b", "c", "d")]
     judged = _judged("a", [3, 5, 2]) + _judged("b", [3, 5, 2]) + _judged("c", [4, 4, 4]) + _judged("d", [2, 4, 3])
     initial = [{"id": p, "prompt": p + "?", "responses": [f"{p}-init{k}" for k in range(2)]} for p in ("a", "b", "c", "d")]
@@ -101,61 +96,10 @@ def test_build_pairs_uses_given_actor_pairs_and_counts_their_sources():
     generated, judged, metajudged = _records()
     actor = [{"kind": "actor", "id": "p1", "prompt": "Name a colour.", "chosen": "x", "rejected": "y",
               "chosen_score": 4.5, "rejected_score": 1.0, "chosen_source": "future", "rejected_source": "initial"}]
-    pairs, stats = build_pairs(LoopConfig(), 1, generated, judged, metajudged, actor=actor)
+    pairs, stats = build_pairs(generated, judged, metajudged, **DEFAULTS, actor=actor)
     assert pairs[0] == actor[0] and {p["kind"] for p in pairs[1:]} == {"judge"}
     assert stats["actor_pairs"] == 1 and stats["score_gap"] == 3.5
     assert stats["future_chosen"] == 1 and stats["initial_rejected"] == 1
-
-
-def test_hidden_cosine_equals_numpy_cosine_of_plain_forward_hidden_means():
-    import jax.numpy as jnp
-    import numpy as np
-
-    import models
-    from experiments.loop import hidden_cosine
-    from experiments.sft import tiny_config
-
-    tok = models.load_tokenizer(models.EMBEDDED_NAME)
-    model = models.create_model(tiny_config(tok, "float32"), seed=3)
-    pairs = [{"kind": "actor", "prompt": "Name a colour.", "chosen": "Red, like a rose.", "rejected": "Blue"},
-             {"kind": "judge", "prompt": "ignored", "chosen": "x", "rejected": "y"},
-             {"kind": "actor", "prompt": "Say hi.", "chosen": "Hello there, friend!", "rejected": "Hi."}]
-    cos = []
-    for p in (pairs[0], pairs[2]):
-        prompt = tok.apply_chat_template([{"role": "user", "content": p["prompt"]}])
-        means = []
-        for side in ("chosen", "rejected"):
-            resp = tok.encode(p[side])
-            h, _ = model.hidden_states(jnp.asarray([prompt + resp], jnp.int32))
-            means.append(np.asarray(h[0, len(prompt):], np.float64).mean(0))
-        cos.append(means[0] @ means[1] / np.linalg.norm(means[0]) / np.linalg.norm(means[1]))
-    assert abs(hidden_cosine(model, tok, pairs) - np.mean(cos)) < 1e-5
-    assert np.isnan(hidden_cosine(model, tok, pairs[1:2]))
-
-
-def test_future_model_settings_start_from_the_dpo_settings():
-    from experiments.cli import apply_overrides
-    from experiments.presets import get_preset
-
-    cfg = get_preset("tiny", "self_reward")
-    assert cfg.future_dpo is None and cfg.group_default("future_dpo") == cfg.dpo
-    fut = apply_overrides(cfg, ["future_dpo.train.learning_rate=2e-5"]).future_dpo
-    assert fut.train.learning_rate == 2e-5
-    assert dataclasses.replace(fut, train=cfg.dpo.train) == cfg.dpo
-
-
-def test_fit_batch_shrinks_to_what_the_pairs_fill_on_the_mesh():
-    from experiments.dpo import DPORunConfig
-    from experiments.loop import fit_batch
-    from metajudge.train import TrainConfig
-
-    class Mesh:
-        shape = {"data": 2, "fsdp": 2, "tensor": 2}
-
-    run = DPORunConfig(batch_size=16, train=TrainConfig(grad_accum_steps=2))
-    assert fit_batch(run, 40, Mesh, "x") is run
-    assert fit_batch(run, 13, Mesh, "x").batch_size == 8  # multiples of data*fsdp*grad_accum = 4*2
-    assert fit_batch(run, 7, Mesh, "x") is None
 
 
 def test_order_averaged_battle_rule_ranks_judgments_from_first_position_probabilities():
@@ -166,8 +110,8 @@ def test_order_averaged_battle_rule_ranks_judgments_from_first_position_probabil
     p = {(0, 1): 0.9, (1, 0): 0.6, (0, 2): 0.9, (2, 0): 0.7, (1, 2): 0.8, (2, 1): 0.9}
     for b in metajudged[0]["battles"]:
         b["p_first"] = p[(b["first"], b["second"])]
-    cfg = dataclasses.replace(LoopConfig(), battle_rule="order_averaged")
-    pairs, stats = build_pairs(cfg, 1, generated, judged, metajudged)
+    cfg = dict(DEFAULTS, battle_rule="order_averaged")
+    pairs, stats = build_pairs(generated, judged, metajudged, **cfg)
     judge = [(q["chosen"], q["rejected"]) for q in pairs if q["kind"] == "judge"]
     assert judge == [("long judgment d", "e")]
     assert stats["battle_rule"] == "order_averaged"
