@@ -9,16 +9,31 @@ Conventions
   with the baseline in position A; every per-run number is P(judge prefers position A).
 * Lengths are whatever unit the caller measures (AlpacaEval reports characters).
 
-Length-controlled win rate (AlpacaEval 2 style, METHODS.md)
+Length-controlled win rate (AlpacaEval 2's GLM, METHODS.md)
 -----------------------------------------------------------
 P(model wins on i) = σ(z_i), z_i = θ + φ·x_i + ψ·γ_i, x_i = tanh((L^m_i - L^b_i) / s),
-s = std(L^m - L^b) (ddof = 1, as pandas); γ_i an optional per-instruction difficulty.
+s = std(L^m - L^b) (ddof = 1, as pandas); γ_i a per-instruction difficulty, frozen.
 Fitted by penalised maximum likelihood with soft targets p_i (cross-entropy):
 
     minimise  Σ_i [softplus(z_i) - p_i·z_i] + (λ_φ/2)·φ² + (λ_0/2)·(θ² + ψ²)
 
 (softplus(z) - p·z = -p·log σ(z) - (1-p)·log(1-σ(z))). Solved by SciPy's exact-Hessian trust-region
 method from 0 (deterministic). LC = mean_i σ(θ + ψ·γ_i): the predicted win rate with the length term at 0.
+
+Two kinds of LC, named by ``lc_kind`` in :func:`summarize`:
+
+* ``"AlpacaEval LC"`` (``difficulty`` given): γ comes from :func:`instruction_difficulty`, fitted
+  once jointly over many models on the same instructions, baseline and judge (per-model θ_m and
+  length slope φ_m, shared γ_i), then frozen and reused for every new model. This is AlpacaEval 2's
+  model; on its published annotations it reproduces the leaderboard's LC within about a point for
+  models left out of the γ fit (README, evaluation section; ``metajudge.alpaca_eval`` reads and
+  writes AlpacaEval's files).
+* ``"length-only LC"`` (no ``difficulty``): z_i = θ + φ·x_i. Without γ the length slope also
+  absorbs part of the instruction effect (a model's answers are relatively longer on the
+  instructions that are easier to win), which inflates φ and with it the LC of models whose answers
+  are shorter than the baseline's: biased upward against AlpacaEval's (README, evaluation section:
+  about 6 points on average on the fixture's held-out models, 13 for a model told to be concise).
+  It is a length correction of our own, never to be reported as AlpacaEval's LC.
 
 * λ_φ = ``length_l2`` (default 1.0, as sklearn's C = 1) keeps φ finite when length alone separates
   wins from losses. It is negligible against the likelihood at n in the hundreds when the judge is
@@ -31,8 +46,10 @@ method from 0 (deterministic). LC = mean_i σ(θ + ψ·γ_i): the predicted win 
 * Degenerate lengths (n < 2, or s = 0, e.g. all lengths equal) give x = 0, hence φ = 0: no length
   term, and LC equals the raw win rate up to λ_0.
 
-AlpacaEval differs in two ways we do not copy: it picks an L1 strength by 5-fold CV, and it
-regularises toward two "gamed" (verbose / concise) baseline models whose judgments we lack.
+AlpacaEval differs in two ways we do not copy: it picks an L1 strength by 5-fold CV (here: fixed
+ridges), and it regularises φ and ψ toward two "gamed" (verbose / concise) versions of the
+baseline whose judgments we lack. The second is the main source of the remaining difference, which
+is largest for models told to be concise.
 """
 
 from __future__ import annotations
@@ -46,6 +63,7 @@ from numpy.typing import ArrayLike
 from metajudge.prompts import Winner
 
 _WEAK_L2 = 1e-3  # λ_0: on θ and ψ (and per-model θ_m in instruction_difficulty)
+DIFFICULTY_L2 = 0.1  # ridge on γ in instruction_difficulty
 
 
 def _preferences(preferences: ArrayLike) -> np.ndarray:
@@ -88,16 +106,20 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free σ
 
 
-def _fit_logistic(x: np.ndarray, p: np.ndarray, l2: np.ndarray, *, tol: float = 1e-12) -> np.ndarray:
+def _fit_logistic(x, p: np.ndarray, l2: np.ndarray, *, tol: float = 1e-12) -> np.ndarray:
     """``β = argmin Σ_i [softplus(x_i·β) - p_i·x_i·β] + ½·Σ_j l2_j·β_j²`` (soft labels, ridge).
 
-    Solved by SciPy's exact-Hessian trust-region method (``scipy.optimize.minimize``,
-    ``trust-exact``) from β = 0 with g = Xᵀ(σ(Xβ) - p) + l2⊙β and
-    H = Xᵀ·diag(σ(1-σ))·X + diag(l2). Every l2_j > 0, so the objective is strictly convex and the
+    g = Xᵀ(σ(Xβ) - p) + l2⊙β, H = Xᵀ·diag(σ(1-σ))·X + diag(l2), from β = 0 (deterministic).
+    A dense X (a few coefficients) is solved by SciPy's exact-Hessian trust-region method
+    (``scipy.optimize.minimize``, ``trust-exact``); a ``scipy.sparse`` X (the joint fit of
+    :func:`instruction_difficulty`, hundreds of coefficients) by the Krylov trust-region method
+    (``trust-krylov``) on Hessian-vector products H·v, which never forms H. ``tol`` is the gradient
+    norm at which the solver stops. Every l2_j > 0, so the objective is strictly convex and the
     minimiser unique and finite. (scikit-learn's ``LogisticRegression`` takes neither soft targets
     nor a separate penalty per coefficient, both of which this fit needs.)
     """
     from scipy.optimize import minimize
+    from scipy.sparse import issparse
 
     def fun(b: np.ndarray) -> tuple[float, np.ndarray]:
         z = x @ b
@@ -107,9 +129,17 @@ def _fit_logistic(x: np.ndarray, p: np.ndarray, l2: np.ndarray, *, tol: float = 
         q = _sigmoid(x @ b)
         return (x.T * (q * (1.0 - q))) @ x + np.diag(l2)
 
-    res = minimize(fun, np.zeros(x.shape[1]), jac=True, hess=hess, method="trust-exact", options={"gtol": tol})
+    def hessp(b: np.ndarray, v: np.ndarray) -> np.ndarray:
+        q = _sigmoid(x @ b)
+        return x.T @ (q * (1.0 - q) * (x @ v)) + l2 * v
+
+    b0 = np.zeros(x.shape[1])
+    if issparse(x):
+        res = minimize(fun, b0, jac=True, hessp=hessp, method="trust-krylov", options={"gtol": tol})
+    else:
+        res = minimize(fun, b0, jac=True, hess=hess, method="trust-exact", options={"gtol": tol})
     if not np.all(np.isfinite(res.x)):
-        raise FloatingPointError(f"the length-controlled fit did not converge: {res.message}")
+        raise FloatingPointError(f"the logistic fit did not converge: {res.message}")
     return res.x
 
 
@@ -200,24 +230,77 @@ def lc_win_rate(
     return float(np.mean(_sigmoid(glm.theta + glm.psi * gamma)))
 
 
-def instruction_difficulty(preferences_mn: ArrayLike, *, l2: float = 1.0) -> np.ndarray:
-    """Per-instruction difficulty γ (logit scale, mean 0) from several models' preferences.
+def instruction_difficulty(
+    preferences_mn: ArrayLike,
+    model_lengths_mn: Optional[ArrayLike] = None,
+    baseline_lengths_mn: Optional[ArrayLike] = None,
+    *,
+    l2: float = DIFFICULTY_L2,
+    length_l2: float = 1.0,
+) -> np.ndarray:
+    """Per-instruction difficulty γ (logit scale, mean 0), fitted jointly over M models.
 
-    ``preferences_mn[m, i]``: model m against the same baseline on instruction i. Fits
-    P = σ(θ_m + γ_i) by soft-label ML with ridge (l2/2)·‖γ‖² (+ λ_0 on θ) and returns γ - mean(γ).
-    With one observation per instruction per model, γ is only identified across models: use M ≥ 2
-    (better ≥ 5). Pass the result as ``difficulty`` to :func:`lc_win_rate`.
+    ``preferences_mn[m, i]``: model m against the same baseline on instruction i (NaN = no
+    judgment: the cell is left out). With lengths (``[M, N]`` arrays, the caller's unit) the joint
+    model is AlpacaEval 2's per-model GLM with a shared instruction term,
+
+        P(model m wins on i) = σ(θ_m + φ_m·x_mi + γ_i),  x_mi = tanh(d_mi / s_m),
+
+    d_m = L^m - L^b over m's judged instructions and s_m = std(d_m, ddof = 1) (as in
+    :func:`fit_length_glm`; x_m = 0 when s_m = 0). It is fitted by soft-label penalised ML,
+
+        minimise  Σ_{m,i judged} [softplus(z_mi) - p_mi·z_mi]
+                  + (λ_0/2)·Σ_m θ_m² + (length_l2/2)·Σ_m φ_m² + (l2/2)·Σ_i γ_i²,
+
+    and γ - mean(γ) is returned. The ridge on γ identifies it (θ_m + c, γ_i - c fit equally well)
+    and shrinks instructions seen by few models; λ_0 = 1e-3 as in the module docstring. γ is then
+    frozen and passed as ``difficulty`` to :func:`lc_win_rate` / :func:`summarize` for any model on
+    the same instructions and baseline (its scale does not matter there: ψ is fitted per model).
+
+    Without lengths there is no φ_m term: P = σ(θ_m + γ_i). That γ absorbs the length effect
+    (instructions where models answer longer look easier), which biases a later LC downward; it is
+    kept for callers that have no lengths. γ is only identified across models: use M ≥ 2 (better
+    ≥ 10). ``l2`` default (0.1) was chosen on the AlpacaEval fixture (README, evaluation section).
     """
+    from scipy.sparse import csr_matrix
+
     p = np.asarray(preferences_mn, dtype=np.float64)
     if p.ndim != 2 or p.size == 0:
         raise ValueError(f"preferences_mn must be a non-empty [M, N] array, got shape {p.shape}")
-    _preferences(p.ravel())
+    if l2 <= 0 or length_l2 <= 0:
+        raise ValueError(f"l2 and length_l2 must be > 0, got {l2} and {length_l2}")
     m, n = p.shape
-    x = np.concatenate(
-        [np.repeat(np.eye(m), n, axis=0), np.tile(np.eye(n), (m, 1))], axis=1
-    )  # row m·n + i: one-hot model m, one-hot instruction i
-    beta = _fit_logistic(x, p.ravel(), np.concatenate([np.full(m, _WEAK_L2), np.full(n, l2)]))
-    gamma = beta[m:]
+    judged = ~np.isnan(p)
+    for k in range(m):
+        if not judged[k].any():
+            raise ValueError(f"model {k} has no judged instruction (all preferences NaN)")
+    _preferences(p[judged])
+    if (model_lengths_mn is None) != (baseline_lengths_mn is None):
+        raise ValueError("give both model_lengths_mn and baseline_lengths_mn, or neither")
+    with_length = model_lengths_mn is not None
+    if with_length:
+        lm = np.asarray(model_lengths_mn, dtype=np.float64)
+        lb = np.asarray(baseline_lengths_mn, dtype=np.float64)
+        if lm.shape != p.shape or lb.shape != p.shape:
+            raise ValueError(f"preferences of shape {p.shape} but lengths of shape {lm.shape} and {lb.shape}")
+        x_len = np.zeros_like(p)
+        for k in range(m):
+            x_len[k, judged[k]] = _length_feature(lm[k, judged[k]], lb[k, judged[k]], int(judged[k].sum()))[0]
+    # one row per judged cell (m, i): columns θ_0..θ_{M-1}, [φ_0..φ_{M-1}], γ_0..γ_{N-1}
+    model_idx, instr_idx = np.nonzero(judged)
+    rows = np.arange(model_idx.size)
+    cols = [model_idx, m * with_length + m + instr_idx]
+    vals = [np.ones(rows.size), np.ones(rows.size)]
+    if with_length:
+        cols.append(m + model_idx)
+        vals.append(x_len[model_idx, instr_idx])
+    x = csr_matrix(
+        (np.concatenate(vals), (np.tile(rows, len(cols)), np.concatenate(cols))),
+        shape=(rows.size, m * (1 + with_length) + n),
+    )
+    l2_vec = np.concatenate([np.full(m, _WEAK_L2), np.full(m * with_length, length_l2), np.full(n, l2)])
+    beta = _fit_logistic(x, p[judged], l2_vec, tol=1e-8)
+    gamma = beta[m * (1 + with_length):]
     return gamma - gamma.mean()
 
 
@@ -254,6 +337,10 @@ def verdicts_to_preference(
     return order_averaged_preference(first, second)
 
 
+LC_KIND_ALPACA_EVAL = "AlpacaEval LC"  # lc_kind with a frozen instruction difficulty γ
+LC_KIND_LENGTH_ONLY = "length-only LC"  # lc_kind without γ: not AlpacaEval's number
+
+
 def summarize(
     preferences: ArrayLike,
     model_lengths: ArrayLike,
@@ -261,11 +348,15 @@ def summarize(
     *,
     n_boot: int = 2000,
     seed: int = 0,
-) -> dict[str, float | int]:
+    difficulty: Optional[ArrayLike] = None,
+) -> dict[str, float | int | str]:
     """One results-table row for an iteration's model against the baseline.
 
     win_rate, ci_low, ci_high (95 % bootstrap), lc_win_rate: fractions in [0, 1];
-    avg_length, baseline_avg_length: mean lengths in the caller's unit (chars); n: prompts.
+    avg_length, baseline_avg_length: mean lengths in the caller's unit (chars); n: prompts;
+    lc_kind: which LC ``lc_win_rate`` is, ``"AlpacaEval LC"`` when ``difficulty`` (a frozen γ, one
+    per prompt, from :func:`instruction_difficulty`) is given, ``"length-only LC"`` otherwise
+    (module docstring).
     """
     p = _preferences(preferences)
     rate, lo, hi = win_rate(p, n_boot=n_boot, seed=seed)
@@ -273,7 +364,8 @@ def summarize(
         "win_rate": rate,
         "ci_low": lo,
         "ci_high": hi,
-        "lc_win_rate": lc_win_rate(p, model_lengths, baseline_lengths),
+        "lc_win_rate": lc_win_rate(p, model_lengths, baseline_lengths, difficulty=difficulty),
+        "lc_kind": LC_KIND_LENGTH_ONLY if difficulty is None else LC_KIND_ALPACA_EVAL,
         "avg_length": float(np.mean(np.asarray(model_lengths, dtype=np.float64))),
         "baseline_avg_length": float(np.mean(np.asarray(baseline_lengths, dtype=np.float64))),
         "n": int(p.size),
