@@ -21,9 +21,7 @@ import types
 import typing
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
-
-class UsageError(Exception):
-    """A bad command line or configuration; the message says what to change."""
+from metajudge.trainer import UsageError  # raised by the training run too, so it lives there
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

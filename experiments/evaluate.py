@@ -64,6 +64,8 @@ from metajudge.evaluate import (
 )
 from metajudge.roles import Sampling
 from metajudge.stages import Stage, StageMismatch, fingerprint, read_jsonl, write_json_atomic, write_jsonl_atomic
+from metajudge.trainer import resolve_mesh
+from models.sources import TINY_MODEL, default_tokenizer, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -215,12 +217,9 @@ def tokenizer_source(run: RunInfo, source: str, *, policy: bool) -> str:
     seed and the iterations' exports, which carry no tokenizer) and a local checkpoint directory
     without tokenizer files use the run's tokenizer; ``"tiny"`` the run's or the embedded one;
     any other source its own."""
-    import models
-    from experiments.loop import TINY_MODEL
-
-    run_tok = run.tokenizer or (models.EMBEDDED_NAME if run.model == TINY_MODEL else run.model)
+    run_tok = default_tokenizer(run.model, run.tokenizer)
     if source == TINY_MODEL:
-        return run.tokenizer or models.EMBEDDED_NAME
+        return default_tokenizer(TINY_MODEL, run.tokenizer)
     bare_dir = os.path.isdir(source) and not any(os.path.exists(os.path.join(source, f)) for f in _TOKENIZER_FILES)
     return run_tok if policy or bare_dir else source
 
@@ -235,21 +234,10 @@ class ModelPool:
     def get(self, run: RunInfo, source: str, *, policy: bool) -> tuple[Any, Any, Any]:
         """``(config, model, tokenizer)`` of ``source``; ``policy``: one of the run's own models
         (the seed or an iteration's), which share the run's tokenizer."""
-        import models
-        from experiments.loop import TINY_MODEL
-        from experiments.sft import tiny_config
-
-        tiny = source == TINY_MODEL
         tok_source = tokenizer_source(run, source, policy=policy)
-        key = (source, tok_source, run.dtype, run.seed if tiny else None)
+        key = (source, tok_source, run.dtype, run.seed if source == TINY_MODEL else None)
         if key not in self._models:
-            tok = models.load_tokenizer(tok_source)
-            if tiny:
-                config = tiny_config(tok, run.dtype)
-                model = models.create_model(config, seed=run.seed, mesh=self.mesh)
-            else:
-                config, model = models.load_model(source, dtype=run.dtype, mesh=self.mesh)
-            self._models[key] = (config, model, tok)
+            self._models[key] = load_model_and_tokenizer(source, tok_source, dtype=run.dtype, mesh=self.mesh, seed=run.seed)
         return self._models[key]
 
     def drop(self, source: str) -> None:
@@ -576,7 +564,6 @@ def _cli_config(run: RunInfo, args: argparse.Namespace) -> tuple[EvalConfig, Opt
 def evaluate_run(run_dir: str, args: argparse.Namespace, pool: Optional[ModelPool] = None) -> tuple[list[dict], Optional[str]]:
     """Evaluates every finished iteration of a run (skipping those already done); writes the
     run's evaluation report. Returns the rows and the tag."""
-    from experiments.sft import resolve_mesh
     from metajudge.report import write_evaluation_report, write_report
 
     run = read_run(run_dir)
@@ -654,8 +641,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pool: Optional[ModelPool] = None
     for run_dir in args.compare:
         if pool is None:
-            from experiments.sft import resolve_mesh
-
             pool = ModelPool(resolve_mesh(read_run(run_dir).mesh))
         label = os.path.basename(os.path.normpath(run_dir))
         if label in runs:

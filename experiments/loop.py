@@ -20,9 +20,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from experiments.cli import UsageError, config_dict
-from experiments.dpo import DPORunConfig, run_dpo
 from experiments.evaluate import EvalConfig, evaluate_iteration
-from experiments.sft import tiny_config
 from metajudge import meta_judge as mj
 from metajudge.pair_assembly import anchored_pairs, build_pairs, future_guided_pairs, meta_judge_targets
 from metajudge.prompt_sources import iteration_prompts, load_prompts_jsonl, load_seed_prompts, split_prompts
@@ -30,11 +28,11 @@ from metajudge.report import iteration_metrics, write_report
 from metajudge.roles import Sampling, act, judge, meta_judge, shard_rng
 from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_atomic
 from metajudge.train import TrainConfig
+from metajudge.trainer import DPORunConfig, resolve_mesh, run_dpo
 from models import distributed
+from models.sources import default_tokenizer, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
-
-TINY_MODEL = "tiny"  # a random tiny Llama with the embedded SmolLM2 tokenizer (tests, smoke runs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +40,7 @@ class LoopConfig:
     """Everything one run of the loop depends on; saved as ``<out>/config.json``."""
 
     method: Literal["meta_reward", "self_reward"] = "meta_reward"
-    model: str = "smollm2-135m-instruct"  # any models.load_model source, or "tiny"
+    model: str = "smollm2-135m-instruct"  # any models.load_model source, or "tiny" (models.sources)
     tokenizer: Optional[str] = None  # default: the model's own (the embedded one for "tiny")
     dtype: str = "float32"
     mesh: Optional[str] = None  # e.g. "data=2,fsdp=-1,tensor=4"; default: every device on fsdp
@@ -86,15 +84,9 @@ class LoopConfig:
 
 
 def _load(cfg: LoopConfig, source: str, mesh: Any):
-    import models
-
     # Every iteration uses the starting model's tokenizer: saved iterations hold weights only.
-    tok = models.load_tokenizer(cfg.tokenizer or (models.EMBEDDED_NAME if cfg.model == TINY_MODEL else cfg.model))
-    if source == TINY_MODEL:
-        config = tiny_config(tok, cfg.dtype)
-        return config, models.create_model(config, seed=cfg.seed, mesh=mesh), tok
-    config, model = models.load_model(source, dtype=cfg.dtype, mesh=mesh)
-    return config, model, tok
+    return load_model_and_tokenizer(source, default_tokenizer(cfg.model, cfg.tokenizer), dtype=cfg.dtype, mesh=mesh,
+                                    seed=cfg.seed)
 
 
 def _model_source(cfg: LoopConfig, out: str, t: int) -> str:
@@ -263,8 +255,6 @@ def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model
 
 def run_loop(cfg: LoopConfig, out: str) -> dict:
     """Runs (or resumes) every iteration; returns the metrics of all iterations."""
-    from experiments.sft import resolve_mesh
-
     if cfg.method not in ("meta_reward", "self_reward"):
         raise UsageError(f"method={cfg.method!r}: expected meta_reward or self_reward")
     distributed.check_same([config_dict(cfg), out], "the loop settings and --out")

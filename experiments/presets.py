@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from experiments.cli import UsageError
-from experiments.dpo import DPORunConfig
 from experiments.evaluate import EvalConfig
-from experiments.loop import TINY_MODEL, LoopConfig
+from experiments.loop import LoopConfig
 from metajudge.roles import Sampling
 from metajudge.train import TrainConfig
+from metajudge.trainer import DPORunConfig
+from models.sources import TINY_MODEL
 
 
 def tiny() -> LoopConfig:

@@ -4,7 +4,7 @@
                                   [--iterations N] [--set key=value ...]
 
 For each seed it builds (or takes from the cache) a seed model: a small Llama trained from scratch
-with ``experiments.sft.train_loop`` on the testbed's IFT, EFT and meta-judge data
+with ``metajudge.trainer.train_loop`` on the testbed's IFT, EFT and meta-judge data
 (:mod:`metajudge.testbed`). Then each method runs with the project's loop
 (``experiments.loop.run_loop``) from that seed, and every model M_0..M_T is graded against the
 known answers:
@@ -37,10 +37,11 @@ import time
 from typing import Any, Optional, Sequence
 
 from experiments.cli import UsageError, apply_overrides, config_dict, run_main
-from experiments.dpo import DPORunConfig
 from metajudge import testbed as tb
 from metajudge.roles import Sampling
 from metajudge.train import TrainConfig
+from metajudge.trainer import DPORunConfig, RunConfig, resolve_mesh, train_loop
+from models.sources import load_model_and_tokenizer
 
 #: name -> (label, loop method, length control, temporal anchoring)
 METHODS: dict[str, tuple[str, str, bool, bool]] = {
@@ -169,7 +170,6 @@ def build_seed(cfg: TestbedConfig, seed: int) -> str:
     ``prompts.jsonl`` (the loop's prompts), ``eval.json`` (gold evaluation sets), ``sft.jsonl``,
     ``sft_metrics.jsonl`` and ``config.json``. Built in a temporary directory, then renamed."""
     import models
-    from experiments.sft import RunConfig, resolve_mesh, train_loop
     from metajudge.data import build_sft_examples, sft_tokens
 
     final = seed_dir(cfg, seed)
@@ -263,10 +263,7 @@ def _evaluate_source(cfg: TestbedConfig, source: str, tokenizer: str, sets: dict
     cached = _read_json(path)
     if cached is not None:
         return cached
-    import models
-
-    tok = models.load_tokenizer(tokenizer)
-    _, model = models.load_model(source)
+    _, model, tok = load_model_and_tokenizer(source, tokenizer)
     t0 = time.time()
     res = evaluate_model(cfg, model, tok, sets, seed)
     res["eval_seconds"] = round(time.time() - t0, 1)

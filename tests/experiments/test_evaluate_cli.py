@@ -51,7 +51,7 @@ def wrong_count(batch):
 
 
 def _seed_model():
-    from experiments.sft import resolve_mesh
+    from metajudge.trainer import resolve_mesh
 
     pool = ModelPool(resolve_mesh(None))
     return pool.get(RunInfo.of(RUN), "tiny", policy=True)
@@ -59,7 +59,7 @@ def _seed_model():
 
 def _make_run(out, *, iterations=(1, 2)):
     import models
-    from experiments.sft import tiny_config
+    from models.sources import tiny_config
 
     os.makedirs(out, exist_ok=True)
     write_json_atomic(os.path.join(out, "config.json"), RUN)

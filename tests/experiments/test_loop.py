@@ -19,7 +19,7 @@ def test_hidden_cosine_equals_numpy_cosine_of_plain_forward_hidden_means():
 
     import models
     from experiments.loop import hidden_cosine
-    from experiments.sft import tiny_config
+    from models.sources import tiny_config
 
     tok = models.load_tokenizer(models.EMBEDDED_NAME)
     model = models.create_model(tiny_config(tok, "float32"), seed=3)
@@ -51,7 +51,7 @@ def test_future_model_settings_start_from_the_dpo_settings():
 
 
 def test_fit_batch_shrinks_to_what_the_pairs_fill_on_the_mesh():
-    from experiments.dpo import DPORunConfig
+    from metajudge.trainer import DPORunConfig
     from experiments.loop import fit_batch
     from metajudge.train import TrainConfig
 

@@ -212,7 +212,7 @@ def test_dpo_from_loss_from_equals_the_full_head_and_refuses_earlier_loss_tokens
 
 
 def test_set_overrides_parse_dotted_names_with_the_field_types():
-    from experiments.dpo import DPORunConfig
+    from metajudge.trainer import DPORunConfig
 
     run = apply_overrides(DPORunConfig(), [
         "train.learning_rate=inf", "train.decay=linear", "batch_size=4", "pack=true", "mesh=data=2,fsdp=-1",
@@ -245,7 +245,7 @@ class ByteTokenizer:
 def test_run_dpo_stores_reference_logps_with_the_pairs_and_resumes_a_finished_run(tmp_path):
     import json
 
-    from experiments.dpo import REF_FILE, DPORunConfig, run_dpo
+    from metajudge.trainer import REF_FILE, DPORunConfig, run_dpo
 
     pairs = tmp_path / "pairs.jsonl"
     with open(pairs, "w") as f:
