@@ -25,9 +25,9 @@ Two kinds of LC, named by ``lc_kind`` in :func:`summarize`:
 * ``"AlpacaEval LC"`` (``difficulty`` given): γ comes from :func:`instruction_difficulty`, fitted
   once jointly over many models on the same instructions, baseline and judge (per-model θ_m and
   length slope φ_m, shared γ_i), then frozen and reused for every new model. This is AlpacaEval 2's
-  model; on its published annotations it reproduces the leaderboard's LC within about a point for
-  models left out of the γ fit (README, evaluation section; ``metajudge.alpaca_eval`` reads and
-  writes AlpacaEval's files).
+  model; on its published annotations it reproduces the leaderboard's LC of models left out of the
+  γ fit to about a point on average, a few points for models told to be concise (README,
+  evaluation section; ``metajudge.alpaca_eval`` reads and writes AlpacaEval's files).
 * ``"length-only LC"`` (no ``difficulty``): z_i = θ + φ·x_i. Without γ the length slope also
   absorbs part of the instruction effect (a model's answers are relatively longer on the
   instructions that are easier to win), which inflates φ and with it the LC of models whose answers
