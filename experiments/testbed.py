@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 from experiments.cli import UsageError, apply_overrides, config_dict, run_main
 from metajudge import testbed as tb
 from metajudge.roles import Sampling
+from metajudge.stages import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from metajudge.train import TrainConfig
 from metajudge.trainer import DPORunConfig, RunConfig, resolve_mesh, train_loop
 from models.sources import load_model_and_tokenizer
@@ -122,21 +123,6 @@ def _log(msg: str) -> None:
     print(f"[testbed] {msg}", file=sys.stderr, flush=True)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _read_json(path: str) -> Optional[Any]:
     if not os.path.exists(path):
         return None
@@ -181,15 +167,11 @@ def build_seed(cfg: TestbedConfig, seed: int) -> str:
     os.makedirs(tmp)
     sft_problems, loop_problems, eval_problems = cfg.data.problems(seed)
     records = tb.sft_records(cfg.data, seed, sft_problems)
-    with open(os.path.join(tmp, "sft.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    with open(os.path.join(tmp, "prompts.jsonl"), "w") as f:
-        for r in tb.prompt_records(loop_problems):
-            f.write(json.dumps(r) + "\n")
+    write_jsonl_atomic(os.path.join(tmp, "sft.jsonl"), records, writer=True)
+    write_jsonl_atomic(os.path.join(tmp, "prompts.jsonl"), tb.prompt_records(loop_problems), writer=True)
     sets = tb.eval_sets(cfg.data, seed, eval_problems)
     sets["actor"] = [p.instruction for p in eval_problems]
-    _write_json(os.path.join(tmp, "eval.json"), sets)
+    write_json_atomic(os.path.join(tmp, "eval.json"), sets, writer=True)
     tb.build_tokenizer(os.path.join(tmp, "tokenizer"), (m["content"] for r in records for m in r["messages"]))
     tok = models.load_tokenizer(os.path.join(tmp, "tokenizer"))
     m = cfg.model
@@ -211,9 +193,10 @@ def build_seed(cfg: TestbedConfig, seed: int) -> str:
     os.replace(os.path.join(tmp, "sft", "model"), os.path.join(tmp, "model"))
     os.replace(os.path.join(tmp, "sft", "metrics.jsonl"), os.path.join(tmp, "sft_metrics.jsonl"))
     shutil.rmtree(os.path.join(tmp, "sft"))
-    _write_json(os.path.join(tmp, "config.json"), {"seed": seed, "data": config_dict(cfg.data), "model": config_dict(cfg.model),
-                                                   "seed_training": config_dict(cfg.seed_training)})
-    _write_json(os.path.join(tmp, "manifest.json"), {"seconds": round(time.time() - t0, 1)})
+    write_json_atomic(os.path.join(tmp, "config.json"), {"seed": seed, "data": config_dict(cfg.data),
+                                                         "model": config_dict(cfg.model),
+                                                         "seed_training": config_dict(cfg.seed_training)}, writer=True)
+    write_json_atomic(os.path.join(tmp, "manifest.json"), {"seconds": round(time.time() - t0, 1)}, writer=True)
     if os.path.exists(final):  # built meanwhile by another process
         shutil.rmtree(tmp)
     else:
@@ -267,7 +250,7 @@ def _evaluate_source(cfg: TestbedConfig, source: str, tokenizer: str, sets: dict
     t0 = time.time()
     res = evaluate_model(cfg, model, tok, sets, seed)
     res["eval_seconds"] = round(time.time() - t0, 1)
-    _write_json(path, res)
+    write_json_atomic(path, res, writer=True)
     return res
 
 
@@ -374,7 +357,7 @@ def run_method(cfg: TestbedConfig, name: str, seed: int, seed_path: str, out: st
         ev = _evaluate_source(cfg, os.path.join(it_dir, "dpo", "model"), os.path.join(seed_path, "tokenizer"), sets, seed,
                               os.path.join(it_dir, f"gold_eval-{_eval_key(cfg)}.json"))
         rows.append({"iteration": t, **ev, **loop_metrics(it_dir)})
-    _write_json(os.path.join(run_dir, "gold.json"), rows)
+    write_json_atomic(os.path.join(run_dir, "gold.json"), rows, writer=True)
     _log(f"seed {seed} {name}: {cfg.iterations} iteration(s) in {time.time() - t0:.0f}s (loop {loop_s:.0f}s); "
          "actor quality " + " -> ".join(f"{r['actor_quality']:.2f}" for r in rows))
     return rows
@@ -560,7 +543,7 @@ def run_testbed(cfg: TestbedConfig, out: str, *, command: str = "") -> dict:
             _log(f"the loop has no temporal anchoring (LoopConfig.temporal); skipping {', '.join(skipped)}")
         methods = [m for m in methods if not METHODS[m][3]]
     os.makedirs(out, exist_ok=True)
-    _write_json(os.path.join(out, "config.json"), config_dict(cfg))
+    write_json_atomic(os.path.join(out, "config.json"), config_dict(cfg), writer=True)
     t_start = time.time()
     rows: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
     timings: dict[str, float] = {}
@@ -584,7 +567,7 @@ def run_testbed(cfg: TestbedConfig, out: str, *, command: str = "") -> dict:
     total = time.time() - t_start
     results = {"config": config_dict(cfg), "command": command, "rows": rows, "aggregate": agg, "findings": found,
                "timings_s": timings, "total_seconds": round(total, 1), "methods_skipped": sorted(set(cfg.methods) - set(methods))}
-    _write_json(os.path.join(out, "results.json"), results)
+    write_json_atomic(os.path.join(out, "results.json"), results, writer=True)
     plot(agg, os.path.join(out, "testbed.png"))
     body = [
         "# Testbed results", "",
@@ -596,7 +579,7 @@ def run_testbed(cfg: TestbedConfig, out: str, *, command: str = "") -> dict:
         "Findings:", "", findings_markdown(found), "",
         "![metrics](testbed.png)", "",
     ]
-    _write_text(os.path.join(out, "table.md"), "\n".join(body))
+    write_text_atomic(os.path.join(out, "table.md"), "\n".join(body), writer=True)
     _log(f"done in {total / 60:.1f} min: {os.path.join(out, 'table.md')}")
     return results
 

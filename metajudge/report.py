@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from metajudge.stages import write_json_atomic
+from metajudge.stages import write_json_atomic, write_text_atomic
 
 COLUMNS = (
     ("iteration", "iter", "{:d}"),
@@ -168,9 +168,7 @@ def write_report(out_dir: str, metrics: Sequence[dict]) -> str:
         body += ["", "## Held-out evaluation", "", evaluation_note(evaluated), "", evaluation_table(evaluated), "",
                  f"![evaluation]({os.path.basename(png)})"]
     path = os.path.join(out_dir, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(body) + "\n")
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, "\n".join(body) + "\n")
     return path
 
 
@@ -275,7 +273,5 @@ def write_evaluation_report(out_dir: str, runs: Mapping[str, Sequence[dict]], *,
     title = "Held-out evaluation" if len(runs) == 1 else "Held-out evaluation: " + ", ".join(runs)
     body = [f"# {title}", "", evaluation_note(rows), "", table, "", f"![{name}]({os.path.basename(png)})"]
     path = os.path.join(out_dir, f"{name}.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(body) + "\n")
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, "\n".join(body) + "\n")
     return path

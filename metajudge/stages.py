@@ -19,9 +19,10 @@ SPMD over one global mesh and their outputs are gathered to every process), and 
 writes. What is finished (the manifest, the missing shards) is read by process 0 and broadcast, so
 every process skips the same stages and shards, however late the others' view of the directory
 is. Stored shards are read by every process, so the run directory must be on a filesystem every
-host sees (as orbax checkpoints require anyway). ``write_json_atomic`` / ``write_jsonl_atomic``
-write only on process 0; ``Stage.run`` and ``Stage.finish`` return on every process only once
-process 0 has written, so files written before them can be read after them.
+host sees (as orbax checkpoints require anyway). ``write_json_atomic`` / ``write_jsonl_atomic`` /
+``write_text_atomic`` (the project's one atomic file writer: a per-process temporary name, fsync,
+``os.replace``) write only on process 0; ``Stage.run`` and ``Stage.finish`` return on every process
+only once process 0 has written, so files written before them can be read after them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -51,36 +52,36 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def write_json_atomic(path: str, obj: Any, *, writer: Optional[bool] = None) -> None:
-    """Writes JSON to ``path`` via a temporary file and ``os.replace``.
-
-    ``writer`` (default: process 0 of the run) says whether this process writes; the others
-    return at once, so run outputs have a single writer on multi-process runs.
-    """
+def _write_atomic(path: str, write: Callable[[IO[str]], Any], writer: Optional[bool]) -> None:
+    """Every atomic write of the project: ``write(f)`` into ``<path>.tmp.<pid>`` (a name no other
+    process uses), flushed and fsynced, then renamed over ``path`` with ``os.replace``, so a reader
+    sees the old file or the new one, never a part. ``writer`` (default: process 0 of the run) says
+    whether this process writes; the others return at once, so run outputs have a single writer on
+    multi-process runs."""
     if not (distributed.is_primary() if writer is None else writer):
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str, *, writer: Optional[bool] = None) -> None:
+    """Writes ``text`` to ``path`` atomically (see :func:`_write_atomic`)."""
+    _write_atomic(path, lambda f: f.write(text), writer)
+
+
+def write_json_atomic(path: str, obj: Any, *, writer: Optional[bool] = None) -> None:
+    """Writes ``obj`` as indented JSON to ``path`` atomically (see :func:`_write_atomic`)."""
+    _write_atomic(path, lambda f: json.dump(obj, f, indent=1, default=str), writer)
 
 
 def write_jsonl_atomic(path: str, records: Iterable[Record], *, writer: Optional[bool] = None) -> None:
-    """Writes one JSON object per line via a temporary file and ``os.replace`` (on process 0 only,
-    unless ``writer`` says otherwise: see :func:`write_json_atomic`)."""
-    if not (distributed.is_primary() if writer is None else writer):
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, default=_jsonable) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes one JSON object per line to ``path`` atomically (see :func:`_write_atomic`)."""
+    _write_atomic(path, lambda f: f.writelines(json.dumps(r, default=_jsonable) + "\n" for r in records), writer)
 
 
 def _jsonable(x: Any) -> Any:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import random
 import re
@@ -58,6 +57,7 @@ import shutil
 from typing import Any, Iterable, Optional, Sequence
 
 from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt
+from metajudge.stages import write_json_atomic
 
 LIST_LEN = 5
 MAX_SCORE = 5
@@ -601,10 +601,10 @@ def build_tokenizer(directory: str, corpus: Iterable[str], *, vocab_size: int = 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     tok.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end|>", "pad_token": "<|pad|>",
-                   "bos_token": None, "unk_token": None, "clean_up_tokenization_spaces": False,
-                   "model_max_length": 4096, "chat_template": CHAT_TEMPLATE}, f, indent=1)
+    write_json_atomic(os.path.join(tmp, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end|>", "pad_token": "<|pad|>", "bos_token": None,
+        "unk_token": None, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+        "chat_template": CHAT_TEMPLATE}, writer=True)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
 

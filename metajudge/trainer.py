@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from metajudge.checkpoint import CheckpointManager
 from metajudge.data import DataError, build_dpo_examples, make_dataset, read_jsonl
+from metajudge.stages import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from metajudge.train import (
     TrainConfig, TrainingDiverged, TrainStep, abstract_train_state, batch_rows, compute_reference_logps,
     first_loss_position, init_train_state,
@@ -151,17 +152,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    if not is_primary():
-        return
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, "".join(keep))
 
 
 def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], run: RunConfig, resume: bool, mesh: Any) -> Any:
@@ -179,7 +170,7 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
     os.makedirs(run.out, exist_ok=True)
     ckpt = CheckpointManager(os.path.join(run.out, "checkpoints"), keep=run.keep)
     latest = ckpt.latest_step()
-    _write_json(os.path.join(run.out, "config.json"), {"kind": kind, "run": dataclasses.asdict(run), "model": dataclasses.asdict(config)})
+    write_json_atomic(os.path.join(run.out, "config.json"), {"kind": kind, "run": dataclasses.asdict(run), "model": dataclasses.asdict(config)})
 
     # Every process reads the same global batches and keeps the rows its devices hold.
     it = make_dataset(
@@ -243,15 +234,6 @@ def _mesh_of(model: Any) -> Any:
     return shard.mesh if shard is not None else None
 
 
-def _write_jsonl(path: str, records: Sequence[dict]) -> None:
-    if not is_primary():  # one writer on multi-process runs
-        return
-    with open(path + ".tmp", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
-
-
 def reference_pairs(model: Any, tokenizer: Any, pairs_jsonl: str, run: DPORunConfig, mesh: Any, resume: bool) -> list[dict]:
     """Tokenized DPO rows with reference log-probs (read back, taken from the pairs, or computed)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -273,7 +255,7 @@ def reference_pairs(model: Any, tokenizer: Any, pairs_jsonl: str, run: DPORunCon
         rec["ref_chosen_logp"] = float(row["ref_chosen_logp"])
         rec["ref_rejected_logp"] = float(row["ref_rejected_logp"])
     os.makedirs(run.out, exist_ok=True)
-    _write_jsonl(ref_path, records)
+    write_jsonl_atomic(ref_path, records)  # on process 0 only
     return rows
 
 
