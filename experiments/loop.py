@@ -30,6 +30,7 @@ from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_a
 from metajudge.train import TrainConfig
 from metajudge.trainer import DPORunConfig, resolve_mesh, run_dpo
 from models import distributed
+from models.sharding import data_parallel_size
 from models.sources import default_tokenizer, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def fit_batch(run: DPORunConfig, n_pairs: int, mesh: Any, what: str) -> Optional
     largest multiple of data*fsdp*grad_accum they fill; None when they fill not even that."""
     if n_pairs >= run.batch_size:
         return run
-    unit = mesh.shape["data"] * mesh.shape["fsdp"] * run.train.grad_accum_steps
+    unit = data_parallel_size(mesh) * run.train.grad_accum_steps
     batch = n_pairs // unit * unit
     if batch:
         print(f"{what}: {n_pairs} pairs are fewer than batch_size={run.batch_size}; training with batches of {batch}",

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metajudge.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
 from models.distributed import process_rows, put_global, put_process_rows, to_host
-from models.sharding import ShardingContext
+from models.sharding import ShardingContext, data_parallel_size
 
 Array = jax.Array
 Batch = dict[str, Any]
@@ -397,7 +397,7 @@ class TrainStep:
 
     @property
     def data_parallel(self) -> int:
-        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return data_parallel_size(self.mesh)
 
     def put_batch(self, batch: Batch) -> Batch:
         """Numpy batch -> device arrays, rows split over ``("data", "fsdp")``.
@@ -488,7 +488,7 @@ def compute_reference_logps(
     graphdef, params = nnx.split(model)
     sharding = None
     if mesh is not None:
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        dp = data_parallel_size(mesh)
         batch_size = math.ceil(batch_size / dp) * dp
         sharding = batch_sharding(mesh)
     score = _pair_scorer(graphdef, first_loss_position(dataset_rows, "dpo"))

@@ -38,7 +38,7 @@ from metajudge.train import (
 )
 from models.distributed import broadcast_json, is_primary, process_count, process_gather
 from models.loading import save_hf
-from models.sharding import make_mesh
+from models.sharding import data_parallel_size, make_mesh
 
 
 class UsageError(Exception):
@@ -161,7 +161,7 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
     steps = total_steps(run, len(examples))
     train = run.train.replace(total_steps=steps)
     run = dataclasses.replace(run, train=train)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = data_parallel_size(mesh)
     if run.batch_size % (dp * train.grad_accum_steps):
         raise UsageError(
             f"batch_size={run.batch_size} must be a multiple of data*fsdp={dp} times "

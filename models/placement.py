@@ -15,7 +15,7 @@ import numpy as np
 
 from models.distributed import put_global
 from models.llama import Llama
-from models.sharding import ShardingContext
+from models.sharding import ShardingContext, data_parallel_size
 
 Array = jax.Array
 
@@ -25,7 +25,7 @@ def _shard_ctx(model: Llama) -> Optional[ShardingContext]:
 
 
 def _batch_multiple(ctx: Optional[ShardingContext]) -> int:
-    return 1 if ctx is None else ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    return data_parallel_size(None if ctx is None else ctx.mesh)
 
 
 def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any:

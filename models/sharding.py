@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -89,6 +89,12 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
     shape = tuple(sizes[a] for a in MESH_AXES)
     arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, MESH_AXES)
+
+
+def data_parallel_size(mesh: Optional[Mesh]) -> int:
+    """How many ways a batch's rows are split: the product of the mesh's ``data`` and ``fsdp`` axes
+    (the ``batch`` rule), 1 without a mesh. Batch sizes must be multiples of it."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def _mesh_size(mesh: Mesh, axes: Any) -> int:
