@@ -31,9 +31,15 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+import models
 from benchmarks.results import emit
+from metajudge.train import TrainConfig, compute_reference_logps, first_loss_position, init_train_state, make_dpo_step
+from models.llama import get_config
+from models.loading import embedded_gguf_path
 
 PROMPT_LEN = 128
 
@@ -44,9 +50,6 @@ def load_line() -> str:
 
 def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     """Best float32 matmul rate of this machine through XLA, FLOP/s."""
-    import jax
-    import jax.numpy as jnp
-
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     mm = jax.jit(jnp.matmul)
@@ -88,9 +91,6 @@ def our_rows(pairs: list[dict], seq_len: int) -> list[dict]:
 
 
 def bench_ours(pairs: list[dict], args) -> tuple[float, object, list[dict]]:
-    import models
-    from metajudge.train import TrainConfig, compute_reference_logps, first_loss_position, init_train_state, make_dpo_step
-
     config, model = models.load_model(models.EMBEDDED_NAME)
     models.save_hf(config, model, args.hf_dir)  # the same weights for TRL
     rows = our_rows(pairs, args.seq_len)
@@ -121,8 +121,6 @@ def bench_trl(pairs: list[dict], rows: list[dict], hf_dir: str, args) -> float:
     from datasets import Dataset
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig, DPOTrainer
-
-    from models.loading import embedded_gguf_path
 
     hf_logging.set_verbosity_error()
     path = embedded_gguf_path()
@@ -182,14 +180,9 @@ def main(argv=None) -> None:
                     help="reference log-probs: fixed values (default, saves a forward pass over all pairs) or computed")
     ap.add_argument("--matmul-n", type=int, default=2048)
     args = ap.parse_args(argv)
-
-    import jax
-
     print(f"start: {load_line()}; jax {jax.__version__} on {jax.devices()[0].platform}", file=sys.stderr)
     peak = matmul_flops(args.matmul_n)
     print(f"matmul: {peak / 1e9:.1f} GFLOP/s (float32, n={args.matmul_n})", file=sys.stderr)
-    from models.llama import get_config
-
     pairs = make_pairs((args.warmup + args.steps) * args.pairs, args.seq_len, get_config("smollm2-135m").vocab_size)
     tmp = tempfile.TemporaryDirectory()
     args.hf_dir = os.path.join(tmp.name, "smollm2")
@@ -199,8 +192,6 @@ def main(argv=None) -> None:
     print(f"after trl: {load_line()}", file=sys.stderr)
 
     import trl
-
-    from metajudge.train import first_loss_position
 
     tokens = args.pairs * 2 * args.seq_len
     no_loss = args.pairs * 2 * first_loss_position(rows)  # positions whose LM head no loss needs

@@ -20,9 +20,15 @@ import argparse
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+import models
 from benchmarks.results import emit
+from models import sampler
+from models.buckets import Buckets
+from models.loading import embedded_gguf_path
 
 QUESTIONS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Write a haiku about the sea.",
@@ -63,9 +69,6 @@ class BackgroundLoad:
 
 def machine_peaks() -> dict:
     """Large fp32 matmul rate, decode-shaped matmul rate and memory read bandwidth, via XLA."""
-    import jax
-    import jax.numpy as jnp
-
     def best(f, *args, n=5):
         jax.block_until_ready(f(*args))
         times = []
@@ -96,8 +99,6 @@ def prompts_for(tokenizer, n: int) -> list[list[int]]:
 
 def run_ours(model, prompts, new: int, repeats: int = 2, **options) -> tuple[float, float, np.ndarray]:
     """(best seconds for the full call, best seconds for a prefill-only call, tokens)."""
-    from models import sampler
-
     kw = dict(temperature=0.0, stop_ids=(), **options)
     sampler.generate(model, prompts, max_new_tokens=new, **kw)  # warm-up: compiles every bucket
     sampler.generate(model, prompts, max_new_tokens=1, **kw)
@@ -143,9 +144,6 @@ def main() -> None:
     import torch
     import transformers
 
-    import models
-    from models.loading import embedded_gguf_path
-
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {os.cpu_count()} cpus; 'other load' below = cores used by other processes meanwhile")
     with BackgroundLoad() as load:
@@ -189,8 +187,6 @@ def main() -> None:
             line += f"\n  hf {hf:.0f} tok/s ({hf_total:.2f}s); first-{first}-token agreement {agree:.2f}; other load {load.cores:.2f}"
         print(line, flush=True)
         if not results:  # the same without prefilling the shared system prompt once (HF cannot)
-            from models.buckets import Buckets
-
             with BackgroundLoad() as load:
                 total2, _, _ = run_ours(model, prompts, new, repeats=1, buckets=Buckets(min_shared_prefix=1 << 30))
             print(f"  sampler without shared-prefix prefill: {batch * new / total2:.0f} tok/s ({total2:.2f}s); "

@@ -12,6 +12,7 @@ import time
 import jax
 
 import models
+from experiments.cli import run_main
 from models.sampler import generate_text
 
 BUILT_IN_PROMPTS = (
@@ -23,8 +24,6 @@ BUILT_IN_PROMPTS = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    from experiments.cli import run_main
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=models.EMBEDDED_NAME, help="model source (see models.load_model)")
     parser.add_argument("--prompt", action="append", help="a prompt to answer (repeatable); default: built-in prompts")

@@ -21,16 +21,16 @@ import types
 import typing
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
+from metajudge.data import DataError
+from metajudge.train import TrainingDiverged
 from metajudge.trainer import UsageError  # raised by the training run too, so it lives there
+from models.checkpoint_formats import LoadError
+from models.distributed import DistributedSetupError, initialize, is_initialized, shutdown
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from metajudge.data import DataError
-    from metajudge.train import TrainingDiverged
-    from models.checkpoint_formats import LoadError
-    from models.distributed import DistributedSetupError
-
-    return (UsageError, LoadError, DataError, TrainingDiverged, DistributedSetupError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError, LoadError, DataError, TrainingDiverged, DistributedSetupError, FileNotFoundError, IsADirectoryError,
+    NotADirectoryError, PermissionError,
+)
 
 
 def error_message(e: BaseException) -> str:
@@ -50,12 +50,10 @@ def run_main(fn: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> No
     leave through the barrier together, so process 0 does not take the coordination service down
     while the others still poll it.
     """
-    from models.distributed import initialize, is_initialized, shutdown
-
     try:
         initialize()
         rc = fn() if argv is None else fn(argv)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {error_message(e)}", file=sys.stderr)
         if getattr(e, "every_process", False):  # all processes failed together: leave together
             sys.stderr.flush()
@@ -75,8 +73,6 @@ def run_main(fn: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> No
 def _exit(code: int) -> None:
     """``sys.exit(code)``; on a multi-process run ``os._exit`` after flushing, which skips the
     shutdown barrier of ``jax.distributed``."""
-    from models.distributed import is_initialized
-
     if is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()

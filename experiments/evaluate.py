@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import glob
 import importlib
+import json
 import logging
 import os
 import re
@@ -62,10 +63,15 @@ from metajudge.evaluate import (
     summarize,
     win_rate,
 )
-from metajudge.roles import Sampling
+from metajudge.prompt_sources import PromptFileError, load_prompts_jsonl, load_seed_prompts, split_prompts
+from metajudge.prompts import DEFAULT_PAIRWISE_TEMPLATE
+from metajudge.report import comparison_table, evaluation_table, write_evaluation_report, write_report
+from metajudge.roles import Sampling, act, pairwise_judge, shard_rng
 from metajudge.stages import Stage, StageMismatch, fingerprint, read_jsonl, write_json_atomic, write_jsonl_atomic
 from metajudge.trainer import resolve_mesh
+from models import distributed
 from models.sources import TINY_MODEL, default_tokenizer, load_model_and_tokenizer
+from models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +194,6 @@ def _ask_external_judge(fn: ExternalJudge, triples: Sequence[tuple[str, str, str
 def call_external_judge(fn: ExternalJudge, triples: Sequence[tuple[str, str, str]], batch_size: int, name: str = "external judge") -> tuple[np.ndarray, list[str]]:
     """``(p_a, kinds)`` of ``fn`` over ``triples``, ``batch_size`` triples per call (see the module
     doc). On a multi-process run only process 0 calls ``fn``; the others receive its answers."""
-    from models import distributed
-
     shared: Optional[dict] = None
     failure: Optional[BaseException] = None
     if distributed.is_primary():
@@ -252,8 +256,6 @@ class ModelPool:
 def training_prompts(run_dir: str, run: RunInfo) -> list[dict]:
     """Every prompt the run could have trained on: the train side of its prompt split, plus the
     prompts its generate stages actually used."""
-    from metajudge.prompt_sources import load_prompts_jsonl, load_seed_prompts, split_prompts
-
     out: list[dict] = []
     if run.prompts is None or os.path.isfile(run.prompts):
         pool = load_prompts_jsonl(run.prompts) if run.prompts else load_seed_prompts()
@@ -268,8 +270,6 @@ def training_prompts(run_dir: str, run: RunInfo) -> list[dict]:
 def heldout_candidates(run_dir: str, run: RunInfo, prompts_file: Optional[str]) -> list[dict]:
     """``prompts_file`` if given, else the run's recorded held-out split (recomputed and recorded
     from its config when the file is missing)."""
-    from metajudge.prompt_sources import PromptFileError, load_prompts_jsonl, load_seed_prompts, split_prompts
-
     try:
         if prompts_file:
             return load_prompts_jsonl(prompts_file)
@@ -352,8 +352,6 @@ class Evaluator:
 
     # ------------------------------------------------------------------------- answers
     def _answer(self, stage_dir: str, name: str, fp: dict, load: Callable[[], tuple[Any, Any]], desc: str) -> list[dict]:
-        from metajudge.roles import act, shard_rng
-
         stage = Stage(stage_dir, name, fingerprint_of=fp)
         loaded: list[tuple[Any, Any]] = []
 
@@ -392,8 +390,6 @@ class Evaluator:
 
     # ---------------------------------------------------------------------------- judge
     def _judge_fp(self) -> dict:
-        from metajudge.prompts import DEFAULT_PAIRWISE_TEMPLATE
-
         fp: dict[str, Any] = {"judge": self.judge_label}
         if not self.external:
             fp.update(readout=self.cfg.readout, template=fingerprint(DEFAULT_PAIRWISE_TEMPLATE))
@@ -402,8 +398,6 @@ class Evaluator:
         return fp
 
     def _judge_triples(self, triples: list[tuple[str, str, str]], shard_index: int) -> tuple[np.ndarray, list[str], list[Optional[str]]]:
-        from metajudge.roles import pairwise_judge, shard_rng
-
         if self.external:
             p_a, kinds = call_external_judge(self.external, triples, self.cfg.batch_size, f"external judge {self.cfg.external_judge}")
             return p_a, kinds, [None] * len(triples)
@@ -440,9 +434,7 @@ class Evaluator:
             if model is not None:
                 if tokenizer is not None:
                     return model, tokenizer
-                import models
-
-                return model, models.load_tokenizer(tokenizer_source(self.run, self.run.model, policy=True))
+                return model, load_tokenizer(tokenizer_source(self.run, self.run.model, policy=True))
             if not os.path.isfile(os.path.join(source, "config.json")):
                 raise UsageError(f"{source}: no model of iteration {t}; finish the iteration first")
             pool = ModelPool(self.pool.mesh)  # not kept: one model per iteration
@@ -535,8 +527,6 @@ def finished_iterations(run_dir: str) -> list[int]:
 
 def read_run(run_dir: str) -> RunInfo:
     """The run's settings from ``run_dir/config.json``."""
-    import json
-
     path = os.path.join(run_dir, "config.json")
     if not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir}: no such run directory")
@@ -564,8 +554,6 @@ def _cli_config(run: RunInfo, args: argparse.Namespace) -> tuple[EvalConfig, Opt
 def evaluate_run(run_dir: str, args: argparse.Namespace, pool: Optional[ModelPool] = None) -> tuple[list[dict], Optional[str]]:
     """Evaluates every finished iteration of a run (skipping those already done); writes the
     run's evaluation report. Returns the rows and the tag."""
-    from metajudge.report import write_evaluation_report, write_report
-
     run = read_run(run_dir)
     cfg, tag = _cli_config(run, args)
     its = finished_iterations(run_dir)
@@ -584,8 +572,6 @@ def evaluate_run(run_dir: str, args: argparse.Namespace, pool: Optional[ModelPoo
             rows.append(done if done is not None else ev.evaluate(t))
     except StageMismatch as e:
         raise UsageError(f"{e}; pass --tag NAME to keep these settings' results apart") from None
-    from models import distributed
-
     if not distributed.is_primary():  # one writer of reports on multi-process runs
         return rows, tag
     name = "evaluation" + _tag_suffix(tag)
@@ -593,8 +579,6 @@ def evaluate_run(run_dir: str, args: argparse.Namespace, pool: Optional[ModelPoo
     write_evaluation_report(run_dir, {label: rows}, name=name)
     metrics_path = os.path.join(run_dir, "metrics.json")
     if tag is None and os.path.isfile(metrics_path):
-        import json
-
         with open(metrics_path) as f:
             metrics = json.load(f)
         by_t = {r["iteration"]: r for r in rows}
@@ -629,8 +613,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point (see the module doc)."""
-    from metajudge.report import comparison_table, evaluation_table, write_evaluation_report
-
     args = parse_args(argv)
     if args.run:
         rows, tag = evaluate_run(args.run, args)
@@ -649,8 +631,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     baselines = {r["baseline"] for rows in runs.values() for r in rows}
     if len(baselines) > 1:
         print(f"warning: the runs are measured against different baselines: {sorted(baselines)}", file=sys.stderr)
-    from models import distributed
-
     if not distributed.is_primary():
         return 0
     write_json_atomic(os.path.join(args.out, "config.json"), {"runs": list(args.compare), **{

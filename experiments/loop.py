@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any, Literal, Optional
@@ -30,6 +31,8 @@ from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_a
 from metajudge.train import TrainConfig
 from metajudge.trainer import DPORunConfig, resolve_mesh, run_dpo
 from models import distributed
+from models.loading import save_hf
+from models.scoring import score
 from models.sharding import data_parallel_size
 from models.sources import default_tokenizer, load_model_and_tokenizer
 
@@ -199,8 +202,6 @@ def fit_batch(run: DPORunConfig, n_pairs: int, mesh: Any, what: str) -> Optional
 def hidden_cosine(model: Any, tok: Any, pairs: list[dict], batch_size: int = 16) -> float:
     """Mean cosine similarity of chosen vs rejected responses' mean last-layer hidden states under
     ``model`` (actor pairs only): the representation-collapse diagnostic of METHODS.md."""
-    from models.scoring import score
-
     actor = [p for p in pairs if p["kind"] == "actor"]
     if not actor:
         return float("nan")
@@ -217,8 +218,6 @@ def hidden_cosine(model: Any, tok: Any, pairs: list[dict], batch_size: int = 16)
 def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model, config, tok, base_fp, mesh) -> list[dict]:
     """Stages ``initial/*`` (M_0 samples, M_t judges), ``future/*`` (M_f = DPO(M_t, D1) samples,
     M_t judges; M_f's weights are deleted afterwards) and returns D2, the future-guided pairs."""
-    import shutil
-
     initial_gen = initial_judged = None
     if t > 1:  # at t = 1, M_0 is the current model: its responses are `generated`
         m0 = _Lazy(lambda: _load(cfg, cfg.model, mesh)[1])  # M_0 is loaded only if it has to sample
@@ -297,11 +296,9 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
             n_pairs = pair_stats.get("actor_pairs", 0) + pair_stats.get("judge_pairs", 0)
             dpo_cfg = fit_batch(cfg.dpo, n_pairs, mesh, f"iter {t}: dpo")
             if dpo_cfg is None:
-                import models
-
                 print(f"iter {t}: {n_pairs} preference pairs, too few for one batch; the model is carried over unchanged",
                       file=sys.stderr)
-                models.save_hf(config, model, os.path.join(dpo_dir, "model"))
+                save_hf(config, model, os.path.join(dpo_dir, "model"))
                 new_model = model
             else:
                 new_model = run_dpo(model, config, tok, pairs_path, dpo_dir, dpo_cfg, resume=True, mesh=mesh)

@@ -9,11 +9,14 @@ A restarted command with the same --out resumes where the last one stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Optional, Sequence
 
 from experiments.cli import apply_overrides, run_main
+from experiments.loop import run_loop
+from experiments.presets import get_preset
 
 
 def parse_args(prog: str, doc: str, default_preset: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -27,11 +30,6 @@ def parse_args(prog: str, doc: str, default_preset: str, argv: Optional[Sequence
 
 def cli(method: str, argv: Optional[Sequence[str]], doc: str, *, name: Optional[str] = None, temporal: bool = False) -> int:
     """The shared command line of the loop's entry points; ``name`` is the module (default: method)."""
-    import dataclasses
-
-    from experiments.loop import run_loop
-    from experiments.presets import get_preset
-
     name = name or method
     args = parse_args(f"python -m experiments.{name}", doc, "smollm2_cpu", argv)
     cfg = apply_overrides(dataclasses.replace(get_preset(args.preset, method), temporal=temporal), args.set)

@@ -36,12 +36,18 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+import jax
+import numpy as np
+
 from experiments.cli import UsageError, apply_overrides, config_dict, run_main
+from experiments.loop import LoopConfig, run_loop
 from metajudge import testbed as tb
-from metajudge.roles import Sampling
-from metajudge.stages import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from metajudge.data import build_sft_examples, sft_tokens
+from metajudge.roles import Sampling, act, judge, meta_judge, shard_rng
+from metajudge.stages import Stage, fingerprint, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from metajudge.train import TrainConfig
 from metajudge.trainer import DPORunConfig, RunConfig, resolve_mesh, train_loop
+from models import create_model, load_tokenizer
 from models.sources import load_model_and_tokenizer
 
 #: name -> (label, loop method, length control, temporal anchoring)
@@ -131,8 +137,6 @@ def _read_json(path: str) -> Optional[Any]:
 
 
 def _loop_supports_temporal() -> bool:
-    from experiments.loop import LoopConfig
-
     return "temporal" in {f.name for f in dataclasses.fields(LoopConfig)}
 
 
@@ -141,8 +145,6 @@ def _loop_supports_temporal() -> bool:
 
 def seed_key(cfg: TestbedConfig, seed: int) -> str:
     """A hash of everything the seed model of ``seed`` depends on."""
-    from metajudge.stages import fingerprint
-
     return fingerprint({"format": SEED_FORMAT, "seed": seed, "data": config_dict(cfg.data),
                         "model": config_dict(cfg.model), "training": config_dict(cfg.seed_training)})
 
@@ -155,9 +157,6 @@ def build_seed(cfg: TestbedConfig, seed: int) -> str:
     """The cached seed directory of ``seed`` (built first if missing): ``tokenizer/``, ``model/``,
     ``prompts.jsonl`` (the loop's prompts), ``eval.json`` (gold evaluation sets), ``sft.jsonl``,
     ``sft_metrics.jsonl`` and ``config.json``. Built in a temporary directory, then renamed."""
-    import models
-    from metajudge.data import build_sft_examples, sft_tokens
-
     final = seed_dir(cfg, seed)
     if os.path.exists(os.path.join(final, "manifest.json")):
         return final
@@ -173,11 +172,11 @@ def build_seed(cfg: TestbedConfig, seed: int) -> str:
     sets["actor"] = [p.instruction for p in eval_problems]
     write_json_atomic(os.path.join(tmp, "eval.json"), sets, writer=True)
     tb.build_tokenizer(os.path.join(tmp, "tokenizer"), (m["content"] for r in records for m in r["messages"]))
-    tok = models.load_tokenizer(os.path.join(tmp, "tokenizer"))
+    tok = load_tokenizer(os.path.join(tmp, "tokenizer"))
     m = cfg.model
     config = tb.model_config(tok, hidden=m.hidden, layers=m.layers, heads=m.heads, mlp=m.mlp, max_positions=m.max_positions)
     mesh = resolve_mesh(None)
-    model = models.create_model(config, seed=seed, mesh=mesh)
+    model = create_model(config, seed=seed, mesh=mesh)
     st = cfg.seed_training
     longest = max(len(sft_tokens(r, tok)[0]) for r in records)
     if longest - 1 > st.max_len:  # a cut meta-judgment would lose its Winner line
@@ -209,8 +208,6 @@ def build_seed(cfg: TestbedConfig, seed: int) -> str:
 
 
 def _eval_key(cfg: TestbedConfig) -> str:
-    from metajudge.stages import fingerprint
-
     return fingerprint({"actor": config_dict(cfg.actor), "judge": config_dict(cfg.judge),
                         "meta_judge": config_dict(cfg.meta_judge), "samples": cfg.eval_actor_samples})
 
@@ -220,8 +217,6 @@ def evaluate_model(cfg: TestbedConfig, model: Any, tok: Any, sets: dict, seed: i
 
     Every model of a seed is evaluated with the same random key, so differences between models are
     not sampling noise of the evaluation."""
-    from metajudge.roles import act, judge, meta_judge, shard_rng
-
     out: dict[str, float] = {}
     answers = act(model, tok, sets["actor"], dataclasses.replace(cfg.actor, n=cfg.eval_actor_samples),
                   rng=shard_rng(seed, 9001), batch_size=cfg.gen_batch_size)
@@ -258,8 +253,6 @@ def _evaluate_source(cfg: TestbedConfig, source: str, tokenizer: str, sets: dict
 
 
 def _records(directory: str, name: str) -> list[dict]:
-    from metajudge.stages import Stage
-
     if not os.path.exists(os.path.join(directory, "manifest.json")):
         return []
     return Stage(directory, name, writer=False).records()
@@ -277,8 +270,6 @@ def loop_metrics(it_dir: str) -> dict[str, float]:
     ``loop_meta_acc`` its meta-judge verdicts (Meta-Rewarding iterations with judge pairs); then
     the pairs' gold view (:func:`metajudge.testbed.pair_metrics`) and the loop's own diagnostics.
     """
-    from metajudge.stages import read_jsonl
-
     out: dict[str, float] = {}
     gen = _records(os.path.join(it_dir, "generate"), "generate")
     judged = _records(os.path.join(it_dir, "judge"), "judge")
@@ -325,8 +316,6 @@ def loop_metrics(it_dir: str) -> dict[str, float]:
 
 def loop_config(cfg: TestbedConfig, name: str, seed: int, seed_path: str) -> Any:
     """The project's ``LoopConfig`` for one method started from the seed model."""
-    from experiments.loop import LoopConfig
-
     _, method, lc, temporal = METHODS[name]
     fields = {f.name: f for f in dataclasses.fields(LoopConfig)}
     extra: dict[str, Any] = {"temporal": True} if temporal else {}
@@ -344,8 +333,6 @@ def loop_config(cfg: TestbedConfig, name: str, seed: int, seed_path: str) -> Any
 
 def run_method(cfg: TestbedConfig, name: str, seed: int, seed_path: str, out: str, m0: dict) -> list[dict]:
     """Runs (or resumes) one method from one seed; returns one row per iteration 0..T."""
-    from experiments.loop import run_loop
-
     run_dir = os.path.join(out, f"seed_{seed}", name)
     t0 = time.time()
     run_loop(loop_config(cfg, name, seed, seed_path), run_dir)
@@ -389,8 +376,6 @@ def _finite(xs: Sequence[Any]) -> list[float]:
 
 def aggregate(rows: dict[str, dict[int, list[dict]]], iterations: int) -> dict[str, list[dict]]:
     """``{method: [{"iteration": t, key: (mean, sd, n)}, ...]}`` over seeds."""
-    import numpy as np
-
     keys = sorted({k for per_seed in rows.values() for seed_rows in per_seed.values() for r in seed_rows for k in r} - {"iteration"})
     out: dict[str, list[dict]] = {}
     for name, per_seed in rows.items():
@@ -594,8 +579,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a TestbedConfig field by dotted name, e.g. dpo.train.learning_rate=1e-4")
     args = ap.parse_args(argv)
-    import jax
-
     if not jax.config.jax_compilation_cache_dir:  # compiled programs are reused by later runs
         jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "metajudge-testbed", "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

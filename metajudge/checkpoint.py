@@ -34,6 +34,9 @@ from jax.sharding import Mesh
 
 from metajudge.train import TrainState, train_state_shardings
 from models import distributed
+from models.llama import Llama
+from models.loading import save_hf
+from models.sharding import ShardingContext, state_shardings
 
 
 @dataclasses.dataclass
@@ -129,10 +132,6 @@ class CheckpointManager:
 
     def export_hf(self, step: Optional[int], config: Any, directory: str, *, mesh: Optional[Mesh] = None) -> str:
         """Writes checkpoint ``step``'s model as a Hugging Face directory (``models.save_hf``)."""
-        from models.llama import Llama
-        from models.loading import save_hf
-        from models.sharding import ShardingContext, state_shardings
-
         shard = ShardingContext(mesh) if mesh is not None else None
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), shard=shard)), nnx.Param)
         if shard is None:

@@ -54,12 +54,14 @@ is largest for models told to be concise.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from metajudge.prompt_sources import normalise_prompt
 from metajudge.prompts import Winner
 
 _WEAK_L2 = 1e-3  # λ_0: on θ and ψ (and per-model θ_m in instruction_difficulty)
@@ -458,10 +460,6 @@ def select_eval_prompts(
     categories and does not depend on the file order, and the first ``max_prompts`` are
     selected (all when ``max_prompts`` is 0).
     """
-    import hashlib
-
-    from metajudge.prompt_sources import normalise_prompt
-
     if max_prompts < 0:
         raise ValueError(f"max_prompts must be >= 0 (0 = all), got {max_prompts}")
     train = {normalise_prompt(p["prompt"]) for p in train_prompts}

@@ -24,7 +24,10 @@ import numpy as np
 
 from metajudge.judge import aggregate_scores
 from metajudge.meta_judge import first_position_probability, verdict_to_result
-from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt, parse_score, parse_winner
+from metajudge.prompts import (
+    DEFAULT_PAIRWISE_TEMPLATE, DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt, pairwise_prompt,
+    parse_score, parse_winner,
+)
 from models.sampler import generate_text
 from models.scoring import next_token_logprobs
 
@@ -202,8 +205,6 @@ def pairwise_judge(
     0 for B, 0.5 when it does not parse (``kind="verdict"``, ``verdict`` None). Each record is
     ``{"p_a", "kind", "verdict", "text"}``.
     """
-    from metajudge.prompts import DEFAULT_PAIRWISE_TEMPLATE, pairwise_prompt
-
     if readout not in ("logprob", "verdict"):
         raise ValueError(f"readout={readout!r}: expected 'logprob' or 'verdict'")
     if not items:

@@ -56,8 +56,9 @@ import re
 import shutil
 from typing import Any, Iterable, Optional, Sequence
 
-from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt
+from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt, parse_score
 from metajudge.stages import write_json_atomic
+from models.llama import LlamaConfig
 
 LIST_LEN = 5
 MAX_SCORE = 5
@@ -510,8 +511,6 @@ def judge_metrics(groups: Sequence[Any], gold: Sequence[int], scores: Sequence[O
 def battle_truth(instruction: str, response: str, first: str, second: str) -> Optional[int]:
     """The gold verdict of a meta-judge battle: 1 if the first judgment's score is closer to the
     gold grade, -1 if the second's, None for a tie or when a score does not parse."""
-    from metajudge.prompts import parse_score
-
     sa, sb = parse_score(first), parse_score(second)
     if sa is None or sb is None:
         return None
@@ -619,10 +618,8 @@ def _split_on(text: str, pieces: Sequence[str]) -> list[str]:
 def model_config(tok: Any, *, hidden: int = 128, layers: int = 3, heads: int = 4, mlp: int = 384,
                  max_positions: int = 512, dtype: str = "float32") -> Any:
     """A small Llama for the testbed tokenizer (``vocab_size`` rounded up to a multiple of 64)."""
-    import models
-
     vocab = -(-tok.vocab_size // 64) * 64
-    return models.LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers, num_heads=heads,
         num_kv_heads=heads, head_dim=hidden // heads, rope_theta=10000.0, max_position_embeddings=max_positions,
         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_ids=tuple(tok.eos_token_ids),

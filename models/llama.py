@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from attention_kernels import dispatch
-from models.sharding import ShardingContext, constrain, logical_to_spec
+from models.sharding import ShardingContext, constrain, logical_to_spec, state_shardings
 
 Array = jax.Array
 
@@ -458,8 +458,6 @@ def create_model(config: LlamaConfig, *, seed: int = 0, mesh: Any = None) -> Lla
     shard = ShardingContext(mesh) if mesh is not None else None
     if shard is None:
         return Llama(config, rngs=nnx.Rngs(seed))
-    from models.sharding import state_shardings
-
     abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed), shard=shard))
     graphdef, abs_state = nnx.split(abstract)
     shardings = state_shardings(abs_state, shard)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from models.checkpoint_formats import GGUFCheckpoint, LoadError, open_safetensors_dir, write_safetensors
+from models.distributed import barrier, is_primary, to_host
 from models.llama import Llama, LlamaConfig, RopeScaling
 from models.sharding import ShardingContext
 
@@ -300,8 +301,6 @@ def save_hf(config: LlamaConfig, model: Llama, directory: str, *, max_shard_byte
     On a multi-process run every process must call it (parameters sharded over several processes
     are gathered); process 0 writes, and every process returns once the directory is complete.
     """
-    from models.distributed import barrier, is_primary, to_host
-
     tensors: dict[str, np.ndarray] = {}
     for path, hf_name, _, to_hf in param_map(config):
         value = to_host(_variable_at(model, path).value)
