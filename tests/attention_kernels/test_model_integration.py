@@ -22,8 +22,8 @@ from flax import nnx
 import models
 from attention_kernels import dispatch
 from models.llama import KVCache, attention_mask, dot_product_attention
-from tests.kernels.common import scaled_err
-from tests.kernels.test_reference import numpy_attention
+from tests.attention_kernels.common import scaled_err
+from tests.attention_kernels.test_reference import numpy_attention
 
 
 def _model_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg):

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from attention_kernels.flash_attention import flash_attention
 from attention_kernels.reference import attention_reference
-from tests.kernels.common import MODES, finite, random_qkv, scaled_err, small_blocks
+from tests.attention_kernels.common import MODES, finite, random_qkv, scaled_err, small_blocks
 
 TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (3e-3, 5e-2)}  # (forward, gradients)
 

@@ -9,7 +9,7 @@ import pytest
 
 from attention_kernels.decode_attention import combine_splits, decode_attention
 from attention_kernels.reference import decode_reference
-from tests.kernels.common import MODES, scaled_err
+from tests.attention_kernels.common import MODES, scaled_err
 
 S = 96  # 6 key blocks of 16
 

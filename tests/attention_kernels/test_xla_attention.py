@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from attention_kernels.dispatch import attention_mask, xla_attention
-from tests.kernels.common import random_qkv, scaled_err
-from tests.kernels.test_reference import numpy_attention
+from tests.attention_kernels.common import random_qkv, scaled_err
+from tests.attention_kernels.test_reference import numpy_attention
 
 
 def _packed_rows(t: int) -> tuple[np.ndarray, np.ndarray]:
