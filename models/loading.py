@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attention_kernels import dispatch
 from models.checkpoint_formats import GGUFCheckpoint, LoadError, open_safetensors_dir, write_safetensors
 from models.distributed import barrier, is_primary, to_host
 from models.llama import Llama, LlamaConfig, RopeScaling
@@ -137,13 +138,38 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> LlamaCo
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=d.get("pad_token_id"),
+            **_project_options(d, source),
         )
     except KeyError as e:
         raise LoadError(f"{source}: missing field {e.args[0]!r}") from None
 
 
+# Our model options that are no Hugging Face config field: written under this key by save_hf and
+# read back by load_model (transformers keeps an unknown key as an attribute and ignores it).
+PROJECT_KEY = "metajudge"
+_PROJECT_OPTIONS = {"attention_impl": str, "remat": bool}
+
+
+def _project_options(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """``attention_impl`` and ``remat`` from the ``PROJECT_KEY`` entry of an HF config (absent: none)."""
+    saved = d.get(PROJECT_KEY) or {}
+    if not isinstance(saved, dict):
+        raise LoadError(f"{source}: {PROJECT_KEY!r} must be an object of model options, got {saved!r}")
+    out = {}
+    for name, tp in _PROJECT_OPTIONS.items():
+        if name in saved:
+            if not isinstance(saved[name], tp):
+                raise LoadError(f"{source}: {PROJECT_KEY}.{name}={saved[name]!r} is not a {tp.__name__}")
+            out[name] = saved[name]
+    impl = out.get("attention_impl")
+    if impl is not None and impl not in dispatch.IMPLS:
+        raise LoadError(f"{source}: {PROJECT_KEY}.attention_impl={impl!r}: expected one of {', '.join(dispatch.IMPLS)}")
+    return out
+
+
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` dict of a config (readable by transformers 4 and 5)."""
+    """The Hugging Face ``config.json`` dict of a config (readable by transformers 4 and 5), with
+    our model options under ``PROJECT_KEY``."""
     c = config
     d: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -166,6 +192,7 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) != 1 else c.eos_token_ids[0],
         "pad_token_id": c.pad_token_id,
         "torch_dtype": c.param_dtype,
+        PROJECT_KEY: {"attention_impl": c.attention_impl, "remat": c.remat},
     }
     sc = c.rope_scaling
     if sc is not None:
@@ -273,7 +300,8 @@ def load_model(source: str, *, dtype: str = "float32", mesh: Any = None, **confi
     """Loads ``(config, model)`` from any supported source (see module doc).
 
     ``dtype`` sets both the parameter and the compute dtype; ``config_overrides`` replace other
-    config fields (``remat=True``, ``attention_impl=...``).
+    config fields (``remat=True``, ``attention_impl=...``). Without them ``attention_impl`` and
+    ``remat`` are the ones ``save_hf`` wrote (``PROJECT_KEY`` of ``config.json``), else the defaults.
     """
     kind, path = resolve_source(source)
     if kind == "gguf":

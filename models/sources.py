@@ -15,11 +15,12 @@ from models.tokenizer import Tokenizer, load_tokenizer
 TINY_MODEL = "tiny"
 
 
-def tiny_config(tok: Any, dtype: str) -> LlamaConfig:
-    """The `tiny` test model sized for a real tokenizer (its vocabulary and special ids)."""
+def tiny_config(tok: Any, dtype: str, **options: Any) -> LlamaConfig:
+    """The `tiny` test model sized for a real tokenizer (its vocabulary and special ids);
+    ``options`` set other config fields (``attention_impl``, ``remat``)."""
     return get_config(
         "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_ids=tok.eos_token_ids,
-        pad_token_id=tok.pad_token_id, max_position_embeddings=4096, dtype=dtype, param_dtype=dtype,
+        pad_token_id=tok.pad_token_id, max_position_embeddings=4096, dtype=dtype, param_dtype=dtype, **options,
     )
 
 
@@ -30,12 +31,15 @@ def default_tokenizer(model: str, tokenizer: Optional[str] = None) -> str:
 
 
 def load_model_and_tokenizer(source: str, tokenizer: str, *, dtype: str = "float32", mesh: Any = None,
-                             seed: int = 0) -> tuple[LlamaConfig, Llama, Tokenizer]:
+                             seed: int = 0, attention_impl: Optional[str] = None,
+                             remat: Optional[bool] = None) -> tuple[LlamaConfig, Llama, Tokenizer]:
     """``(config, model, tokenizer)``: the tokenizer of source ``tokenizer``, then the weights of
-    ``source`` (``load_model``), or for ``"tiny"`` a random tiny model from ``seed`` sized for it."""
+    ``source`` (``load_model``), or for ``"tiny"`` a random tiny model from ``seed`` sized for it.
+    ``attention_impl`` / ``remat``: None keeps the checkpoint's own (saved by ``save_hf``, else the defaults)."""
     tok = load_tokenizer(tokenizer)
+    options = {k: v for k, v in (("attention_impl", attention_impl), ("remat", remat)) if v is not None}
     if source == TINY_MODEL:
-        config = tiny_config(tok, dtype)
+        config = tiny_config(tok, dtype, **options)
         return config, create_model(config, seed=seed, mesh=mesh), tok
-    config, model = load_model(source, dtype=dtype, mesh=mesh)
+    config, model = load_model(source, dtype=dtype, mesh=mesh, **options)
     return config, model, tok

@@ -90,6 +90,25 @@ def test_sharded_checkpoint_index_is_followed(tmp_path):
     assert max_rel_err(again(jnp.asarray(tokens)), hf_logits(hf, tokens)) < 1e-4
 
 
+def test_model_options_survive_save_hf_and_load_model(tmp_path):
+    config = models.get_config("tiny", attention_impl="pallas", remat=True)
+    models.save_hf(config, models.create_model(config, seed=0), str(tmp_path / "m"))
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["metajudge"] == {"attention_impl": "pallas", "remat": True}
+    again, _ = models.load_model(str(tmp_path / "m"))
+    assert (again.attention_impl, again.remat) == ("pallas", True)
+    # Options given to load_model replace the saved ones; a checkpoint without them gets the defaults.
+    other, _ = models.load_model(str(tmp_path / "m"), attention_impl="auto", remat=False)
+    assert (other.attention_impl, other.remat) == ("auto", False)
+    del saved["metajudge"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
+    plain, _ = models.load_model(str(tmp_path / "m"))
+    assert (plain.attention_impl, plain.remat) == ("xla", False)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**saved, "metajudge": {"attention_impl": "flash"}}))
+    with pytest.raises(models.LoadError, match=r"metajudge.attention_impl='flash': expected one of"):
+        models.load_model(str(tmp_path / "m"))
+
+
 def test_hub_id_resolves_through_the_local_hf_cache(tmp_path):
     # No network here: a hub id must still go through huggingface_hub, served from its cache.
     make_hf_checkpoint(str(tmp_path / "ckpt"))
