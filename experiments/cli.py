@@ -8,7 +8,10 @@ incomplete multi-process setting) into ``error: <message>`` on stderr and exit s
 traceback. Anything else is a bug and keeps its traceback.
 
 ``apply_overrides(cfg, ["train.learning_rate=1e-5", "pack=false"])`` replaces fields of a frozen
-dataclass by dotted name, parsing each value with the field's declared type.
+dataclass by dotted name, parsing each value with the field's declared type. An unknown name, a
+group of settings given a value, a value of the wrong type and a name the config's
+``fixed_keys()`` refuses (a setting derived from another: ``experiments.configs``) are each a
+``UsageError`` saying what is valid.
 """
 
 from __future__ import annotations
@@ -123,20 +126,31 @@ def parse_value(raw: str, tp: Any, key: str) -> Any:
     raise UsageError(f"--set {key}: fields of type {tp} cannot be set from the command line")
 
 
+def _group(obj: Any, name: str) -> Any:
+    """The group of settings ``obj.name`` (an unset optional group starts from its default), or None."""
+    sub = getattr(obj, name)
+    if sub is None and hasattr(obj, "group_default"):
+        sub = obj.group_default(name)
+    return sub if dataclasses.is_dataclass(sub) else None
+
+
 def _set(obj: Any, path: list[str], raw: str, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     name = path[0]
     if name not in fields:
         raise UsageError(f"--set {key}: {type(obj).__name__} has no field {name!r}; fields: {', '.join(fields)}")
+    sub = _group(obj, name)
     if len(path) > 1:
-        sub = getattr(obj, name)
-        if sub is None and hasattr(obj, "group_default"):  # an unset optional group starts from its default
-            sub = obj.group_default(name)
-        if not dataclasses.is_dataclass(sub):
-            raise UsageError(f"--set {key}: {name!r} is not a group of settings")
+        if sub is None:
+            raise UsageError(f"--set {key}: {name!r} is a single setting, not a group of settings")
         value = _set(sub, path[1:], raw, key)
     else:
-        value = parse_value(raw, typing.get_type_hints(type(obj))[name], key)
+        tp = typing.get_type_hints(type(obj))[name]
+        if sub is not None and not (raw.strip().lower() in ("none", "null") and type(None) in typing.get_args(tp)):
+            prefix = key[: len(key) - len(name)]
+            names = ", ".join(prefix + name + "." + f.name for f in dataclasses.fields(sub))
+            raise UsageError(f"--set {key}: {name!r} is a group of settings; set one of {names}")
+        value = parse_value(raw, tp, key)
     try:
         return dataclasses.replace(obj, **{name: value})
     except (TypeError, ValueError) as e:
@@ -150,6 +164,9 @@ def apply_overrides(cfg: Any, items: Sequence[str]) -> Any:
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-5")
+        fixed = cfg.fixed_keys() if hasattr(cfg, "fixed_keys") else {}
+        if key in fixed:
+            raise UsageError(f"--set {key}: {fixed[key]}")
         cfg = _set(cfg, key.split("."), raw.strip(), key)
     return cfg
 

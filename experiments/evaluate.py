@@ -49,12 +49,12 @@ import logging
 import os
 import re
 import sys
-import typing
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from experiments.cli import UsageError, apply_overrides, config_dict, run_main
+from experiments.configs import EvalConfig, RunInfo
 from metajudge.evaluate import (
     both_orders,
     judge_outputs_to_p_a,
@@ -66,7 +66,7 @@ from metajudge.evaluate import (
 from metajudge.prompt_sources import PromptFileError, load_prompts_jsonl, load_seed_prompts, split_prompts
 from metajudge.prompts import DEFAULT_PAIRWISE_TEMPLATE
 from metajudge.report import comparison_table, evaluation_table, write_evaluation_report, write_report
-from metajudge.roles import Sampling, act, pairwise_judge, shard_rng
+from metajudge.roles import act, pairwise_judge, shard_rng
 from metajudge.stages import Stage, StageMismatch, fingerprint, read_jsonl, write_json_atomic, write_jsonl_atomic
 from metajudge.trainer import resolve_mesh
 from models import distributed
@@ -79,74 +79,6 @@ EVAL_STREAM = 7001  # shard_rng stream of the evaluation (answers: (EVAL_STREAM,
 BASELINE_DIR = "evaluate_baseline"
 EVAL_DIR = "evaluate"
 ExternalJudge = Callable[[list[tuple[str, str, str]]], Sequence[Any]]
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """How a run's models are evaluated on held-out prompts (``LoopConfig.evaluate``)."""
-
-    enabled: bool = True  # the loop evaluates every iteration (the CLI ignores this)
-    max_prompts: int = 64  # cap on the held-out prompts used (0 = all of them)
-    answer: Sampling = Sampling(n=1, temperature=0.7, top_p=0.9, max_new_tokens=256)  # model and baseline
-    judge: Optional[str] = None  # a models.load_model source or "tiny"; None = the run's seed model
-    baseline: Optional[str] = None  # None = the run's seed model
-    prompts: Optional[str] = None  # JSONL of evaluation prompts; None = <run>/heldout_prompts.jsonl
-    external_judge: Optional[str] = None  # "module:function" replacing the model judge
-    readout: Literal["logprob", "verdict"] = "logprob"
-    judge_sampling: Sampling = Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=64)  # readout=verdict
-    batch_size: int = 32  # sequences per generation / forward batch, triples per external-judge call
-    prompts_per_shard: int = 16
-    n_boot: int = 2000
-    confidence: float = 0.95
-
-    def __post_init__(self) -> None:
-        if self.max_prompts < 0:
-            raise ValueError(f"max_prompts must be >= 0 (0 = all), got {self.max_prompts}")
-        if self.readout not in ("logprob", "verdict"):
-            raise ValueError(f"readout must be 'logprob' or 'verdict', got {self.readout!r}")
-        if self.batch_size < 1 or self.prompts_per_shard < 1 or self.n_boot < 1:
-            raise ValueError("batch_size, prompts_per_shard and n_boot must be >= 1")
-        if not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"confidence must lie in (0, 1), got {self.confidence}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunInfo:
-    """What the evaluation needs from a run's ``LoopConfig`` (or its ``config.json``)."""
-
-    model: str = "smollm2-135m-instruct"
-    tokenizer: Optional[str] = None
-    dtype: str = "float32"
-    mesh: Optional[str] = None
-    seed: int = 0
-    prompts: Optional[str] = None
-    heldout_fraction: float = 0.1
-    method: str = ""
-    evaluate: EvalConfig = EvalConfig()
-
-    @classmethod
-    def of(cls, cfg: Any) -> "RunInfo":
-        """From a ``LoopConfig`` or the dict of a run's ``config.json``; missing keys get defaults."""
-        d = config_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name != "evaluate"}
-        ev = d.get("evaluate")
-        if isinstance(ev, EvalConfig):
-            kw["evaluate"] = ev
-        elif isinstance(ev, dict):
-            kw["evaluate"] = _from_dict(EvalConfig, ev)
-        return cls(**kw)
-
-
-def _from_dict(cls: type, d: Mapping[str, Any]) -> Any:
-    """A (nested) frozen dataclass from its ``dataclasses.asdict`` form; unknown keys are ignored."""
-    hints = typing.get_type_hints(cls)
-    kw = {}
-    for f in dataclasses.fields(cls):
-        if f.name in d:
-            v = d[f.name]
-            tp = hints[f.name]
-            kw[f.name] = _from_dict(tp, v) if dataclasses.is_dataclass(tp) and isinstance(v, dict) else v
-    return cls(**kw)
 
 
 # ------------------------------------------------------------------------------ external judge
@@ -239,9 +171,10 @@ class ModelPool:
         """``(config, model, tokenizer)`` of ``source``; ``policy``: one of the run's own models
         (the seed or an iteration's), which share the run's tokenizer."""
         tok_source = tokenizer_source(run, source, policy=policy)
-        key = (source, tok_source, run.dtype, run.seed if source == TINY_MODEL else None)
+        options = run.model_options()
+        key = (source, tok_source, *options.values(), run.seed if source == TINY_MODEL else None)
         if key not in self._models:
-            self._models[key] = load_model_and_tokenizer(source, tok_source, dtype=run.dtype, mesh=self.mesh, seed=run.seed)
+            self._models[key] = load_model_and_tokenizer(source, tok_source, mesh=self.mesh, seed=run.seed, **options)
         return self._models[key]
 
     def drop(self, source: str) -> None:
@@ -359,7 +292,7 @@ class Evaluator:
             if not loaded:
                 loaded.append(load())
             model, tok = loaded[0]
-            outs = act(model, tok, [p["prompt"] for p in chunk], dataclasses.replace(self.cfg.answer, n=1),
+            outs = act(model, tok, [p["prompt"] for p in chunk], self.cfg.answer,  # answer.n is 1 (EvalConfig)
                        rng=shard_rng(self.run.seed, EVAL_STREAM, 1, i), batch_size=self.cfg.batch_size)
             return [{"id": p["id"], "prompt": p["prompt"], "answer": o[0]} for p, o in zip(chunk, outs)]
 

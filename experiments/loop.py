@@ -16,19 +16,19 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from experiments.cli import UsageError, config_dict
-from experiments.evaluate import EvalConfig, evaluate_iteration
+from experiments.cli import config_dict
+from experiments.configs import LoopConfig, resolve, resolved_dict
+from experiments.evaluate import evaluate_iteration
 from metajudge import meta_judge as mj
 from metajudge.pair_assembly import anchored_pairs, build_pairs, future_guided_pairs, meta_judge_targets
 from metajudge.prompt_sources import iteration_prompts, load_prompts_jsonl, load_seed_prompts, split_prompts
 from metajudge.report import iteration_metrics, write_report
-from metajudge.roles import Sampling, act, judge, meta_judge, shard_rng
+from metajudge.roles import act, judge, meta_judge, shard_rng
 from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_atomic
-from metajudge.train import TrainConfig
 from metajudge.trainer import DPORunConfig, resolve_mesh, run_dpo
 from models import distributed
 from models.loading import save_hf
@@ -39,58 +39,13 @@ from models.sources import default_tokenizer, load_model_and_tokenizer
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    """Everything one run of the loop depends on; saved as ``<out>/config.json``."""
-
-    method: Literal["meta_reward", "self_reward"] = "meta_reward"
-    model: str = "smollm2-135m-instruct"  # any models.load_model source, or "tiny" (models.sources)
-    tokenizer: Optional[str] = None  # default: the model's own (the embedded one for "tiny")
-    dtype: str = "float32"
-    mesh: Optional[str] = None  # e.g. "data=2,fsdp=-1,tensor=4"; default: every device on fsdp
-    seed: int = 0
-    iterations: int = 1
-    prompts: Optional[str] = None  # JSONL of prompts; default: the built-in seed set
-    prompts_per_iteration: int = 16
-    heldout_fraction: float = 0.1
-    actor: Sampling = Sampling(n=4, temperature=0.8, top_p=0.95, max_new_tokens=128)
-    judge: Sampling = Sampling(n=3, temperature=0.8, top_p=0.95, max_new_tokens=96)
-    meta_judge: Sampling = Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=96)
-    readout: Literal["parse", "expected"] = "parse"
-    rho: tuple[float, ...] = (0.0,)  # length-control ρ per iteration (the last value repeats)
-    judge_pair_iterations: tuple[int, ...] = (1, 2)
-    # How meta-judge battles become Elo inputs (metajudge/meta_judge.py): "paper" weighs hard
-    # verdicts by the batch's position-bias weights ω; "order_averaged" scores each pair by the
-    # probability that m beats n averaged over both orders, which still ranks judgments when the
-    # meta-judge picks the same position every time (the 135M model does).
-    battle_rule: mj.BattleRule = "paper"
-    # Temporal anchoring (METHODS.md): rejected responses anchored to the initial model M_0 and
-    # chosen responses from a temporary future model M_f = DPO(M_t, anchored pairs). With
-    # method=self_reward this is Temporal Self-Rewarding; with meta_reward, the combination.
-    temporal: bool = False
-    future_dpo: Optional[DPORunConfig] = None  # how M_f is trained; default: the `dpo` settings
-    judgment_max_chars: int = 1500  # chosen judgments longer than this are dropped
-    gen_batch_size: int = 64
-    prompts_per_shard: int = 8
-    dpo: DPORunConfig = DPORunConfig(max_len=768, batch_size=8, num_epochs=1, save_every=50,
-                                     train=TrainConfig(learning_rate=1e-6, beta=0.1, warmup_steps=2))
-    evaluate: EvalConfig = EvalConfig()  # held-out win rates of M_{t+1} against the seed (experiments/evaluate.py)
-
-    def group_default(self, name: str) -> Any:
-        """What an unset optional group of settings means (``--set future_dpo.x=...`` starts here)."""
-        return self.dpo if name == "future_dpo" else None
-
-    def rho_at(self, t: int) -> float:
-        return self.rho[min(t, len(self.rho)) - 1]
-
-
 # ------------------------------------------------------------------------------------- models
 
 
 def _load(cfg: LoopConfig, source: str, mesh: Any):
     # Every iteration uses the starting model's tokenizer: saved iterations hold weights only.
-    return load_model_and_tokenizer(source, default_tokenizer(cfg.model, cfg.tokenizer), dtype=cfg.dtype, mesh=mesh,
-                                    seed=cfg.seed)
+    return load_model_and_tokenizer(source, default_tokenizer(cfg.model, cfg.tokenizer), mesh=mesh, seed=cfg.seed,
+                                    **cfg.model_options())
 
 
 def _model_source(cfg: LoopConfig, out: str, t: int) -> str:
@@ -254,12 +209,13 @@ def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model
 
 
 def run_loop(cfg: LoopConfig, out: str) -> dict:
-    """Runs (or resumes) every iteration; returns the metrics of all iterations."""
-    if cfg.method not in ("meta_reward", "self_reward"):
-        raise UsageError(f"method={cfg.method!r}: expected meta_reward or self_reward")
-    distributed.check_same([config_dict(cfg), out], "the loop settings and --out")
+    """Runs (or resumes) every iteration; returns the metrics of all iterations. ``cfg`` is resolved
+    first (``experiments.configs.resolve``: the DPO settings the loop derives are filled in)."""
+    cfg = resolve(cfg)
+    resolved = resolved_dict(cfg)
+    distributed.check_same([resolved, out], "the loop settings and --out")
     os.makedirs(out, exist_ok=True)
-    write_json_atomic(os.path.join(out, "config.json"), config_dict(cfg))
+    write_json_atomic(os.path.join(out, "config.json"), resolved)
     mesh = resolve_mesh(cfg.mesh)
     train_prompts, _ = _prompts(cfg, out)
     all_metrics = []

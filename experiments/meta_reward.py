@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from experiments.cli import apply_overrides, run_main
 from experiments.loop import run_loop
-from experiments.presets import get_preset
+from experiments.configs import get_preset
 
 
 def parse_args(prog: str, doc: str, default_preset: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -40,7 +40,8 @@ import jax
 import numpy as np
 
 from experiments.cli import UsageError, apply_overrides, config_dict, run_main
-from experiments.loop import LoopConfig, run_loop
+from experiments.configs import LoopConfig
+from experiments.loop import run_loop
 from metajudge import testbed as tb
 from metajudge.data import build_sft_examples, sft_tokens
 from metajudge.roles import Sampling, act, judge, meta_judge, shard_rng

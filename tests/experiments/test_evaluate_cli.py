@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from experiments.cli import config_dict, run_main
-from experiments.evaluate import EvalConfig, Evaluator, ModelPool, RunInfo, evaluate_iteration, main
+from experiments.configs import EvalConfig, RunInfo
+from experiments.evaluate import Evaluator, ModelPool, evaluate_iteration, main
 from metajudge.prompt_sources import load_seed_prompts, normalise_prompt, split_prompts
 from metajudge.prompts import pairwise_prompt
 from metajudge.report import iteration_metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.loop import LoopConfig
+from experiments.configs import LoopConfig
 
 
 def test_rho_schedule_takes_the_iteration_value_and_repeats_the_last():
@@ -41,7 +41,7 @@ def test_hidden_cosine_equals_numpy_cosine_of_plain_forward_hidden_means():
 
 def test_future_model_settings_start_from_the_dpo_settings():
     from experiments.cli import apply_overrides
-    from experiments.presets import get_preset
+    from experiments.configs import get_preset
 
     cfg = get_preset("tiny", "self_reward")
     assert cfg.future_dpo is None and cfg.group_default("future_dpo") == cfg.dpo
