@@ -269,12 +269,13 @@ def smollm2_cpu() -> LoopConfig:
     SmolLM2-135M rarely writes a parseable `Score:` line, so scores are read with `expected`; its
     meta-judge picks the first position every time, so battles are scored `order_averaged`. Sizes
     keep the whole run within about a quarter of an hour: 4 prompts, one shard per stage (fewer
-    compiled shapes), short generations, no rematerialisation (135M fits without it).
+    compiled shapes), short generations, N=2 judgments per response (so 2 meta-judge battles per
+    prompt, both orders of the one pair), no rematerialisation (135M fits without it).
     """
     return LoopConfig(
         iterations=1, prompts_per_iteration=4, prompts_per_shard=4, readout="expected", battle_rule="order_averaged",
         actor=Sampling(n=3, temperature=0.8, top_p=0.95, max_new_tokens=64),
-        judge=Sampling(n=3, temperature=0.8, top_p=0.95, max_new_tokens=32),
+        judge=Sampling(n=2, temperature=0.8, top_p=0.95, max_new_tokens=32),
         meta_judge=Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=24),
         dpo=DPORunConfig(max_len=640, batch_size=2, save_every=2, ref_batch_size=4,
                          train=TrainConfig(learning_rate=5e-6, beta=0.1, warmup_steps=1, remat=False)),
