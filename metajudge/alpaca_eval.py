@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from metajudge.evaluate import DIFFICULTY_L2, instruction_difficulty, summarize
+from metajudge.stages import write_text_atomic
 
 DIFFICULTY_HEADER = ("index", "instruction_difficulty")
 _FIELDS = ("instruction", "output_1", "output_2", "generator_1", "generator_2", "preference")
@@ -281,12 +283,11 @@ def write_difficulty_csv(path: str, difficulty: ArrayLike) -> None:
     gamma = np.asarray(difficulty, dtype=np.float64)
     if gamma.ndim != 1 or gamma.size == 0 or not np.all(np.isfinite(gamma)):
         raise ValueError(f"difficulty must be a non-empty 1-D array of finite numbers, got shape {gamma.shape}")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(DIFFICULTY_HEADER)
-        w.writerows((i, repr(float(g))) for i, g in enumerate(gamma))
-    os.replace(tmp, path)
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(DIFFICULTY_HEADER)
+    w.writerows((i, repr(float(g))) for i, g in enumerate(gamma))
+    write_text_atomic(path, text.getvalue())
 
 
 def read_difficulty_csv(path: str, *, n: Optional[int] = None) -> np.ndarray:
