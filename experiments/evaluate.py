@@ -3,6 +3,7 @@
     python -m experiments.evaluate --run DIR [--judge SOURCE] [--baseline SOURCE] [--prompts FILE]
                                    [--external-judge MODULE:FUNCTION] [--tag NAME] [--set key=value ...]
     python -m experiments.evaluate --compare DIR1 DIR2 ... [--out DIR] [same options]
+    python -m experiments.evaluate --alpaca-eval DIR [--difficulty FILE | --fit-difficulty OUT.csv] [--out DIR]
 
 For every finished iteration ``t`` of the run (``DIR/iter_<t>/dpo/model``), the model answers the
 held-out prompts, the baseline (default: the run's seed model) answers them once per run, and a
@@ -31,6 +32,12 @@ the run's own evaluation settings (``LoopConfig.evaluate``) the rows also go int
 own; answers are shared by every judge with the same answer settings. Iterations already
 evaluated are read back, not redone.
 
+AlpacaEval's files: ``--export DIR`` (with ``--run`` / ``--compare``) also writes each evaluated
+iteration as AlpacaEval's ``model_outputs.json`` and our judge's preferences as its
+``annotations.json`` (:func:`export_alpaca_eval`); ``--alpaca-eval DIR`` reads such files (ours or
+AlpacaEval's own) into a leaderboard (``experiments.leaderboard``); ``--prompts`` also takes
+AlpacaEval's evaluation set (a JSON list with ``instruction``; ``--set max_prompts=0`` for all).
+
 External judge (``--external-judge pkg.mod:fn``): ``fn(batch: list[tuple[str, str, str]])``
 receives ``(instruction, answer_a, answer_b)`` triples (each prompt in both orders) and returns
 one output per triple: a probability in [0, 1] that answer A is better, or a verdict string
@@ -43,7 +50,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import importlib
 import json
 import logging
 import os
@@ -55,15 +61,17 @@ import numpy as np
 
 from experiments.cli import UsageError, apply_overrides, config_dict, run_main
 from experiments.configs import EvalConfig, RunInfo
+from experiments.external_judge import call_external_judge, load_external_judge
+from experiments.leaderboard import alpaca_eval_leaderboard, leaderboard_table
 from metajudge.evaluate import (
     both_orders,
-    judge_outputs_to_p_a,
     preferences_from_both_orders,
     select_eval_prompts,
     summarize,
     win_rate,
 )
-from metajudge.prompt_sources import PromptFileError, load_prompts_jsonl, load_seed_prompts, split_prompts
+from metajudge.alpaca_eval import annotation_records, model_outputs_records
+from metajudge.prompt_sources import PromptFileError, load_prompt_file, load_seed_prompts, split_prompts
 from metajudge.prompts import DEFAULT_PAIRWISE_TEMPLATE
 from metajudge.report import comparison_table, evaluation_table, write_evaluation_report, write_report
 from metajudge.roles import act, pairwise_judge, shard_rng
@@ -78,68 +86,6 @@ log = logging.getLogger(__name__)
 EVAL_STREAM = 7001  # shard_rng stream of the evaluation (answers: (EVAL_STREAM, 1, shard); judge: 2)
 BASELINE_DIR = "evaluate_baseline"
 EVAL_DIR = "evaluate"
-ExternalJudge = Callable[[list[tuple[str, str, str]]], Sequence[Any]]
-
-
-# ------------------------------------------------------------------------------ external judge
-
-
-def load_external_judge(spec: str) -> ExternalJudge:
-    """The callable named by ``"module:function"`` (``function`` may be dotted, ``Class.method``)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"--external-judge {spec!r}: expected MODULE:FUNCTION, e.g. my_judges:judge")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(f"--external-judge {spec}: cannot import {module_name!r} ({e}); "
-                         "put the module on PYTHONPATH or in the current directory") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"--external-judge {spec}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UsageError(f"--external-judge {spec}: {attr!r} is not callable")
-    return obj
-
-
-def _ask_external_judge(fn: ExternalJudge, triples: Sequence[tuple[str, str, str]], batch_size: int, name: str) -> tuple[np.ndarray, list[str]]:
-    outputs: list[Any] = []
-    for start in range(0, len(triples), batch_size):
-        batch = [tuple(x) for x in triples[start:start + batch_size]]
-        got = fn(batch)
-        try:
-            got = list(got)
-        except TypeError:
-            raise UsageError(f"{name} returned {type(got).__name__}; it must return a list with one output per triple") from None
-        if len(got) != len(batch):
-            raise UsageError(f"{name} returned {len(got)} outputs for {len(batch)} triples; it must return one per triple")
-        outputs += got
-    try:
-        return judge_outputs_to_p_a(outputs)
-    except ValueError as e:
-        raise UsageError(f"{name}: {e}") from None
-
-
-def call_external_judge(fn: ExternalJudge, triples: Sequence[tuple[str, str, str]], batch_size: int, name: str = "external judge") -> tuple[np.ndarray, list[str]]:
-    """``(p_a, kinds)`` of ``fn`` over ``triples``, ``batch_size`` triples per call (see the module
-    doc). On a multi-process run only process 0 calls ``fn``; the others receive its answers."""
-    shared: Optional[dict] = None
-    failure: Optional[BaseException] = None
-    if distributed.is_primary():
-        try:
-            p_a, kinds = _ask_external_judge(fn, triples, batch_size, name)
-            shared = {"p_a": p_a.tolist(), "kinds": kinds}
-        except Exception as e:  # the other processes must hear of it, not wait forever
-            failure, shared = e, {"error": f"{name} failed on process 0: {type(e).__name__}: {e}"}
-    shared = distributed.broadcast_json(shared)
-    if failure is not None:
-        raise failure
-    if "error" in shared:
-        raise UsageError(shared["error"])
-    return np.asarray(shared["p_a"], dtype=np.float64), list(shared["kinds"])
 
 
 # -------------------------------------------------------------------------------------- models
@@ -191,7 +137,7 @@ def training_prompts(run_dir: str, run: RunInfo) -> list[dict]:
     prompts its generate stages actually used."""
     out: list[dict] = []
     if run.prompts is None or os.path.isfile(run.prompts):
-        pool = load_prompts_jsonl(run.prompts) if run.prompts else load_seed_prompts()
+        pool = load_prompt_file(run.prompts) if run.prompts else load_seed_prompts()
         out += split_prompts(pool, heldout_fraction=run.heldout_fraction, seed=run.seed)[0]
     else:
         log.warning("%s: the run's prompt file is gone; checking against the prompts its iterations used", run.prompts)
@@ -205,11 +151,11 @@ def heldout_candidates(run_dir: str, run: RunInfo, prompts_file: Optional[str]) 
     from its config when the file is missing)."""
     try:
         if prompts_file:
-            return load_prompts_jsonl(prompts_file)
+            return load_prompt_file(prompts_file)
         path = os.path.join(run_dir, "heldout_prompts.jsonl")
         if os.path.exists(path):
             return read_jsonl(path)
-        pool = load_prompts_jsonl(run.prompts) if run.prompts else load_seed_prompts()
+        pool = load_prompt_file(run.prompts) if run.prompts else load_seed_prompts()
         heldout = split_prompts(pool, heldout_fraction=run.heldout_fraction, seed=run.seed)[1]
         write_jsonl_atomic(path, heldout)
         return heldout
@@ -350,6 +296,25 @@ class Evaluator:
               "judge": self._judge_fp(), "n_boot": self.cfg.n_boot, "confidence": self.cfg.confidence}
         return Stage(os.path.join(self.run_dir, f"iter_{t}", EVAL_DIR + self.suffix), "evaluate", fingerprint_of=fp)
 
+    def _answers_dir(self, t: int) -> str:
+        return os.path.join(self.run_dir, f"iter_{t}", EVAL_DIR, "answers" + self.answers_suffix)
+
+    def _judge_stage(self, top: Stage) -> Stage:
+        return Stage(os.path.join(top.dir, "judge"), "evaluate_judge", fingerprint_of={**self._judge_fp(), "answers": top.fingerprint})
+
+    def judged_pairs(self, t: int) -> list[dict]:
+        """Per evaluation prompt of the evaluated iteration ``t``, in the prompts' order: ``id``,
+        ``prompt``, the ``model``'s and the ``baseline``'s answers and the judge's ``preference``
+        (P(model's answer is better)), read back from the stored stages."""
+        top = self._top_stage(t)
+        if not top.done:
+            raise UsageError(f"{self.run_dir}: iteration {t} is not evaluated with these settings")
+        answers = Stage(self._answers_dir(t), "evaluate_answers", fingerprint_of=self._answers_fp(f"iter_{t}/dpo/model")).records()
+        baseline = {b["id"]: b["answer"] for b in self.baseline()}
+        pref = {j["id"]: j["preference"] for j in self._judge_stage(top).records()}
+        return [{"id": a["id"], "prompt": a["prompt"], "model": a["answer"], "baseline": baseline[a["id"]],
+                 "preference": pref[a["id"]]} for a in answers]
+
     def evaluate(self, t: int, model: Any = None, tokenizer: Any = None) -> dict:
         """Results row of the model after iteration ``t`` against the baseline (see the module doc).
 
@@ -374,14 +339,12 @@ class Evaluator:
             _, m, tok = pool.get(self.run, source, policy=True)
             return m, tok
 
-        answers_dir = os.path.join(self.run_dir, f"iter_{t}", EVAL_DIR, "answers" + self.answers_suffix)
-        answers = self._answer(answers_dir, "evaluate_answers", self._answers_fp(f"iter_{t}/dpo/model"),
+        answers = self._answer(self._answers_dir(t), "evaluate_answers", self._answers_fp(f"iter_{t}/dpo/model"),
                                load, f"eval iter {t}: answers")
         by_id = {b["id"]: b for b in baseline}
         items = [{"id": a["id"], "prompt": a["prompt"], "model": a["answer"], "baseline": by_id[a["id"]]["answer"]}
                  for a in answers]
-        jstage = Stage(os.path.join(d, "judge"), "evaluate_judge",
-                       fingerprint_of={**self._judge_fp(), "answers": top.fingerprint})
+        jstage = self._judge_stage(top)
 
         def shard(i: int, chunk: list[dict]) -> list[dict]:
             triples = both_orders([x["prompt"] for x in chunk], [x["model"] for x in chunk], [x["baseline"] for x in chunk])
@@ -484,6 +447,38 @@ def _cli_config(run: RunInfo, args: argparse.Namespace) -> tuple[EvalConfig, Opt
     return cfg, args.tag
 
 
+def _file_name(name: str) -> str:
+    """``name`` as one safe path component (AlpacaEval's results/<model>/<annotator>/ layout)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def export_alpaca_eval(ev: Evaluator, iterations: Sequence[int], out: str, label: str) -> list[str]:
+    """Writes each evaluated iteration in AlpacaEval's files under ``out``:
+    ``<label>_iter<t>/model_outputs.json`` (the model's answers), ``<label>_iter<t>/<judge>/annotations.json``
+    (our judge's order-averaged preferences against the baseline) and ``<baseline>/model_outputs.json``.
+    ``python -m experiments.evaluate --alpaca-eval out`` reads them back. Returns the annotation paths."""
+    datasets = {str(p["id"]): p.get("dataset") for p in heldout_candidates(ev.run_dir, ev.run, ev.cfg.prompts)}
+    baseline_name = ev.baseline_source if ev.baseline_source != ev.run.model else f"{label}_seed"
+    annotator = f"metajudge_pairwise_{_file_name(ev.judge_label)}"
+    paths = []
+    for t in iterations:
+        pairs = ev.judged_pairs(t)
+        instructions = [p["prompt"] for p in pairs]
+        ds = [datasets.get(p["id"]) for p in pairs]
+        model = f"{label}_iter{t}"
+        write_json_atomic(os.path.join(out, _file_name(model), "model_outputs.json"),
+                          model_outputs_records(instructions, [p["model"] for p in pairs], model, ds))
+        path = os.path.join(out, _file_name(model), annotator, "annotations.json")
+        write_json_atomic(path, annotation_records(
+            instructions, [p["baseline"] for p in pairs], [p["model"] for p in pairs], [p["preference"] for p in pairs],
+            baseline=baseline_name, model=model, annotator=annotator, datasets=ds))
+        paths.append(path)
+        if t == iterations[0]:
+            write_json_atomic(os.path.join(out, _file_name(baseline_name), "model_outputs.json"),
+                              model_outputs_records(instructions, [p["baseline"] for p in pairs], baseline_name, ds))
+    return paths
+
+
 def evaluate_run(run_dir: str, args: argparse.Namespace, pool: Optional[ModelPool] = None) -> tuple[list[dict], Optional[str]]:
     """Evaluates every finished iteration of a run (skipping those already done); writes the
     run's evaluation report. Returns the rows and the tag."""
@@ -509,6 +504,9 @@ def evaluate_run(run_dir: str, args: argparse.Namespace, pool: Optional[ModelPoo
         return rows, tag
     name = "evaluation" + _tag_suffix(tag)
     label = os.path.basename(os.path.normpath(run_dir))
+    if getattr(args, "export", None):
+        paths = export_alpaca_eval(ev, its, args.export, label)
+        print(f"AlpacaEval files of {len(paths)} iteration(s): {args.export}", file=sys.stderr)
     write_evaluation_report(run_dir, {label: rows}, name=name)
     metrics_path = os.path.join(run_dir, "metrics.json")
     if tag is None and os.path.isfile(metrics_path):
@@ -531,7 +529,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", metavar="DIR", help="a loop run directory (its --out)")
     what.add_argument("--compare", nargs="+", metavar="DIR", help="several run directories side by side")
-    ap.add_argument("--out", default=os.path.join("runs", "comparison"), help="--compare: where the table and plot go")
+    what.add_argument("--alpaca-eval", dest="alpaca_eval", metavar="DIR",
+                      help="a leaderboard from AlpacaEval annotations.json files under DIR (experiments.leaderboard)")
+    ap.add_argument("--out", default=None,
+                    help="--compare: where the table and plot go (default runs/comparison); "
+                         "--alpaca-eval: where leaderboard.csv/.md go (default runs/leaderboard)")
+    ap.add_argument("--difficulty", default=None, metavar="FILE",
+                    help="--alpaca-eval: a frozen instruction difficulty CSV (index,instruction_difficulty): AlpacaEval's LC")
+    ap.add_argument("--fit-difficulty", dest="fit_difficulty", default=None, metavar="OUT.csv",
+                    help="--alpaca-eval: fit the instruction difficulty over the models in DIR, write it here and use it")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="--run/--compare: also write each evaluated iteration as AlpacaEval's model_outputs.json "
+                         "and annotations.json under DIR")
     ap.add_argument("--judge", default=None, metavar="SOURCE", help="judge model (default: the run's seed model)")
     ap.add_argument("--baseline", default=None, metavar="SOURCE", help="baseline model (default: the run's seed model)")
     ap.add_argument("--prompts", default=None, metavar="FILE", help="JSONL of evaluation prompts (default: the run's held-out split)")
@@ -547,6 +556,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point (see the module doc)."""
     args = parse_args(argv)
+    if (args.difficulty or args.fit_difficulty) and not args.alpaca_eval:
+        raise UsageError("--difficulty and --fit-difficulty go with --alpaca-eval DIR")
+    if args.alpaca_eval:
+        out = args.out or os.path.join("runs", "leaderboard")
+        rows = alpaca_eval_leaderboard(args.alpaca_eval, out, difficulty=args.difficulty, fit_to=args.fit_difficulty)
+        print(leaderboard_table(rows))
+        print(f"leaderboard: {os.path.join(out, 'leaderboard.csv')}")
+        return 0
     if args.run:
         rows, tag = evaluate_run(args.run, args)
         print(evaluation_table(rows))
@@ -566,9 +583,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"warning: the runs are measured against different baselines: {sorted(baselines)}", file=sys.stderr)
     if not distributed.is_primary():
         return 0
-    write_json_atomic(os.path.join(args.out, "config.json"), {"runs": list(args.compare), **{
+    out = args.out or os.path.join("runs", "comparison")
+    write_json_atomic(os.path.join(out, "config.json"), {"runs": list(args.compare), **{
         k: getattr(args, k) for k in ("judge", "baseline", "prompts", "external_judge", "tag", "set")}})
-    path = write_evaluation_report(args.out, runs, name="comparison")
+    path = write_evaluation_report(out, runs, name="comparison")
     print(comparison_table(runs))
     print(f"comparison: {path}")
     return 0

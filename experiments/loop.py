@@ -25,7 +25,7 @@ from experiments.configs import LoopConfig, resolve, resolved_dict
 from experiments.evaluate import evaluate_iteration
 from metajudge import meta_judge as mj
 from metajudge.pair_assembly import anchored_pairs, build_pairs, future_guided_pairs, meta_judge_targets
-from metajudge.prompt_sources import iteration_prompts, load_prompts_jsonl, load_seed_prompts, split_prompts
+from metajudge.prompt_sources import iteration_prompts, load_prompt_file, load_seed_prompts, split_prompts
 from metajudge.report import iteration_metrics, write_report
 from metajudge.roles import act, judge, meta_judge, shard_rng
 from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_atomic
@@ -57,7 +57,7 @@ def _model_source(cfg: LoopConfig, out: str, t: int) -> str:
 
 
 def _prompts(cfg: LoopConfig, out: str) -> tuple[list[dict], list[dict]]:
-    pool = load_prompts_jsonl(cfg.prompts) if cfg.prompts else load_seed_prompts()
+    pool = load_prompt_file(cfg.prompts) if cfg.prompts else load_seed_prompts()
     train, heldout = split_prompts(pool, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     path = os.path.join(out, "heldout_prompts.jsonl")
     if not os.path.exists(path):

@@ -328,3 +328,88 @@ def read_difficulty_csv(path: str, *, n: Optional[int] = None) -> np.ndarray:
     if n is not None and len(values) != n:
         raise ValueError(f"{path}: {len(values)} instruction difficulties, expected {n} (one per annotation row)")
     return np.array([values[i] for i in range(len(values))], dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------- leaderboard
+
+# AlpacaEval's leaderboard.csv names; the LC column keeps AlpacaEval's name only when it is
+# AlpacaEval's LC (a frozen γ), and is renamed when it is our length-only LC, so no file mixes them.
+LENGTH_ONLY_LC_COLUMN = "length_only_lc_winrate"
+
+
+def leaderboard_row(summary: dict[str, Any], annotations: ModelAnnotations) -> dict[str, Any]:
+    """One leaderboard row from :func:`summarize_annotations`: AlpacaEval's columns in percent
+    (``win_rate``, ``standard_error`` = the standard error of the judged win probabilities with
+    ddof 1, as AlpacaEval's, ``length_controlled_winrate`` or, for a length-only LC,
+    ``length_only_lc_winrate``), ``avg_length`` (mean characters of the model's outputs over all
+    rows, an integer as AlpacaEval writes it), then ``n_total`` and ``n_missing``."""
+    p = annotations.preferences[annotations.judged]
+    se = float(np.std(p, ddof=1) / np.sqrt(p.size)) if p.size > 1 else math.nan
+    lc_column = ("length_controlled_winrate" if summary["lc_kind"] == "AlpacaEval LC" else LENGTH_ONLY_LC_COLUMN)
+    return {
+        "model": summary["model"],
+        "win_rate": 100.0 * summary["win_rate"],
+        "standard_error": 100.0 * se,
+        lc_column: 100.0 * summary["lc_win_rate"],
+        "avg_length": int(np.mean(annotations.model_lengths)),
+        "n_total": int(p.size),
+        "n_missing": annotations.n_missing,
+    }
+
+
+def leaderboard_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as CSV text, columns in the first row's order (``model`` first), sorted by the LC
+    column, highest first (AlpacaEval's order)."""
+    if not rows:
+        raise ValueError("no leaderboard rows")
+    columns = list(rows[0])
+    lc = "length_controlled_winrate" if "length_controlled_winrate" in columns else LENGTH_ONLY_LC_COLUMN
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    w.writerows(sorted(rows, key=lambda r: -r[lc]))
+    return text.getvalue()
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def model_outputs_records(
+    instructions: Sequence[str], outputs: Sequence[str], generator: str, datasets: Sequence[Optional[str]]
+) -> list[dict[str, str]]:
+    """AlpacaEval's ``model_outputs.json`` records: ``instruction``, ``output``, ``generator``,
+    ``dataset`` (one per instruction, in the given order)."""
+    if not (len(instructions) == len(outputs) == len(datasets)):
+        raise ValueError(f"{len(instructions)} instructions, {len(outputs)} outputs and {len(datasets)} datasets")
+    return [{"instruction": i, "output": o, "generator": generator, "dataset": d or "metajudge"}
+            for i, o, d in zip(instructions, outputs, datasets)]
+
+
+def annotation_records(
+    instructions: Sequence[str],
+    baseline_outputs: Sequence[str],
+    model_outputs: Sequence[str],
+    win_probabilities: ArrayLike,
+    *,
+    baseline: str,
+    model: str,
+    annotator: str,
+    datasets: Sequence[Optional[str]],
+) -> list[dict[str, Any]]:
+    """AlpacaEval's ``annotations.json`` records for one model against the baseline:
+    ``output_1`` / ``generator_1`` the baseline, ``output_2`` / ``generator_2`` the model,
+    ``preference`` = 1 + P(model wins) in [1, 2] (module docstring), so :func:`read_annotations`
+    gives the same win probabilities back."""
+    p = np.asarray(win_probabilities, dtype=np.float64)
+    n = len(instructions)
+    if not (len(baseline_outputs) == len(model_outputs) == p.size == len(datasets) == n):
+        raise ValueError("instructions, outputs, win probabilities and datasets must have one entry per instruction")
+    if not np.all((p >= 0.0) & (p <= 1.0)):
+        raise ValueError("win probabilities must lie in [0, 1]")
+    return [
+        {"instruction": instructions[i], "dataset": datasets[i] or "metajudge",
+         "output_1": baseline_outputs[i], "generator_1": baseline,
+         "output_2": model_outputs[i], "generator_2": model,
+         "annotator": annotator, "preference": 1.0 + float(p[i])}
+        for i in range(n)
+    ]

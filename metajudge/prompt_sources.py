@@ -5,7 +5,8 @@ Every loader returns a list of prompt records, plain dicts with at least::
     {"id": str, "prompt": str}          # plus "category" when known and "source" ("file:line")
 
 Sources: :func:`load_seed_prompts` (the project's own ~700 prompts, shipped as package data),
-:func:`load_prompts_jsonl` (a user's file; bad lines are reported as ``file:line`` and skipped)
+:func:`load_prompt_file` (a user's JSONL file or JSON list, e.g. AlpacaEval's evaluation set; bad records
+are reported as ``file:line`` and skipped)
 and :func:`load_tfds_prompts` (TensorFlow Datasets, behind the optional ``tfds`` extra).
 
 Two deterministic selections keep evaluation honest:
@@ -24,7 +25,7 @@ import importlib.resources
 import json
 import logging
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +106,50 @@ def load_seed_prompts() -> list[Prompt]:
     return prompts
 
 
-def load_prompts_jsonl(path: str | os.PathLike, *, field: str = "prompt") -> list[Prompt]:
-    """Read one prompt per line from a user's JSONL file.
+def _jsonl_records(path: str) -> Iterator[tuple[str, Any, Optional[str]]]:
+    """``(where, record, problem)`` per non-blank line of a JSONL file."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield where, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
-    A line is an object with a non-empty string under ``field``, or a chat ``messages`` list
-    whose last user turn is the prompt. ``id`` is kept when given (string or integer), otherwise
-    derived from the prompt's normalised text; ``category`` is kept when it is a string. Invalid
-    UTF-8 or JSON, a missing or empty prompt, a bad or repeated id: the line is skipped and one
-    warning line gives the count and the first few ``file:line: problem``. Blank lines are ignored.
+
+def _records(path: str) -> Iterator[tuple[str, Any, Optional[str]]]:
+    """``(where, record, problem)`` of a prompt file: the elements of one JSON list when the file
+    is one (its first non-blank character is ``[`` and it parses whole), else its JSONL lines."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.lstrip().startswith(b"["):
+        try:
+            records = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            records = None  # JSONL whose first line is a list: read line by line below
+        if isinstance(records, list):
+            return ((f"{path}[{i}]", rec, None) for i, rec in enumerate(records))
+    return _jsonl_records(path)
+
+
+def load_prompt_file(path: str | os.PathLike, *, field: str = "prompt") -> list[Prompt]:
+    """Read a user's prompt file: JSONL (one object per line), or one JSON list of objects such
+    as AlpacaEval's evaluation set (its 805 records, each with ``instruction`` and ``dataset``).
+
+    A record is an object with a non-empty string under ``field`` (or, when it has no ``field``,
+    under ``instruction``, AlpacaEval's name), or a chat ``messages`` list whose last user turn is
+    the prompt. ``id`` is kept when given (string or integer), otherwise derived from the prompt's
+    normalised text; ``category`` and ``dataset`` are kept when they are strings. Invalid UTF-8 or
+    JSON on a line, a missing or empty prompt, a bad or repeated id: the record is skipped and one
+    warning line gives the count and the first few ``file:line: problem`` (``file[index]`` in a
+    JSON list). Blank lines are ignored.
 
     Raises:
         PromptFileError: the file does not exist, or no valid prompt remains.
@@ -120,49 +157,39 @@ def load_prompts_jsonl(path: str | os.PathLike, *, field: str = "prompt") -> lis
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PromptFileError(f"prompt file not found: {path}")
+    items = _records(path)
     prompts: list[Prompt] = []
     bad: list[str] = []
-    first_line_of_id: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            problem = prompt = pid = None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line, problem = "", f"invalid UTF-8 ({e.reason} at byte {e.start})"
-            if problem is None and not line.strip():
-                continue
-            if problem is None:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    problem = f"invalid JSON ({e.msg} at column {e.colno})"
-                else:
-                    if not isinstance(rec, dict):
-                        problem = "line must be a JSON object"
-                    else:
-                        prompt, problem = _prompt_from_record(rec, field)
-            if problem is None:
-                pid, problem = _record_id(rec, prompt)
-            if problem is None and pid in first_line_of_id:
-                problem = f"duplicate id {pid!r} (first seen on line {first_line_of_id[pid]})"
-            if problem is not None:
-                bad.append(f"{path}:{lineno}: {problem}")
-                continue
-            first_line_of_id[pid] = lineno
-            record: Prompt = {"id": pid, "prompt": prompt, "source": f"{path}:{lineno}"}
-            if isinstance(rec.get("category"), str):
-                record["category"] = rec["category"]
-            prompts.append(record)
+    first_of_id: dict[str, str] = {}
+    for where, rec, problem in items:
+        prompt = pid = None
+        if problem is None and not isinstance(rec, dict):
+            problem = "a record must be a JSON object"
+        if problem is None:
+            key = field if field in rec or "instruction" not in rec else "instruction"
+            prompt, problem = _prompt_from_record(rec, key)
+        if problem is None:
+            pid, problem = _record_id(rec, prompt)
+        if problem is None and pid in first_of_id:
+            problem = f"duplicate id {pid!r} (first seen at {first_of_id[pid]})"
+        if problem is not None:
+            bad.append(f"{where}: {problem}")
+            continue
+        first_of_id[pid] = where
+        record: Prompt = {"id": pid, "prompt": prompt, "source": where}
+        for extra in ("category", "dataset"):
+            if isinstance(rec.get(extra), str):
+                record[extra] = rec[extra]
+        prompts.append(record)
     if bad:
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
         logger.warning(
-            "%s: skipped %d invalid prompt line(s), kept %d: %s%s",
+            "%s: skipped %d invalid prompt record(s), kept %d: %s%s",
             path, len(bad), len(prompts), "; ".join(bad[:3]), more,
         )
     if not prompts:
         detail = f"; first problem: {bad[0]}" if bad else " (the file is empty)"
-        raise PromptFileError(f"{path}: no valid prompts ({len(bad)} invalid line(s)){detail}")
+        raise PromptFileError(f"{path}: no valid prompts ({len(bad)} invalid record(s)){detail}")
     return prompts
 
 

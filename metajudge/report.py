@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from metajudge.evaluate import LC_KIND_ALPACA_EVAL, LC_KIND_LENGTH_ONLY
 from metajudge.stages import write_json_atomic, write_text_atomic
 
 COLUMNS = (
@@ -194,7 +195,15 @@ def _eval_cells(row: dict) -> list[str]:
             _chars(row.get("avg_length")), _chars(row.get("baseline_avg_length")), str(row.get("n", "-"))]
 
 
-_EVAL_HEAD = ["iter", "LC win rate (%)", "win rate (%)", "CI (%)", "length (chars)", "baseline length", "prompts"]
+def lc_label(rows: Sequence[dict]) -> str:
+    """What the rows' LC is called wherever it is shown: ``"AlpacaEval LC"`` only when every row's
+    ``lc_kind`` says so (a frozen γ was used), else ``"length-only LC"`` (``metajudge.evaluate``)."""
+    kinds = {r.get("lc_kind", LC_KIND_LENGTH_ONLY) for r in rows}
+    return LC_KIND_ALPACA_EVAL if kinds == {LC_KIND_ALPACA_EVAL} else LC_KIND_LENGTH_ONLY
+
+
+def _eval_head(rows: Sequence[dict]) -> list[str]:
+    return ["iter", f"{lc_label(rows)} win rate (%)", "win rate (%)", "CI (%)", "length (chars)", "baseline length", "prompts"]
 
 
 def evaluation_note(rows: Sequence[dict]) -> str:
@@ -206,18 +215,20 @@ def evaluation_note(rows: Sequence[dict]) -> str:
 
 
 def evaluation_table(rows: Sequence[dict]) -> str:
-    """Markdown table of evaluation rows: iteration, LC win rate, win rate, CI, lengths, prompts.
+    """Markdown table of evaluation rows: iteration, LC win rate (headed by :func:`lc_label`), win
+    rate, CI, lengths, prompts.
 
     Rates are shown in percent with one decimal, lengths in characters; missing values as ``-``.
     """
-    lines = ["| " + " | ".join(_EVAL_HEAD) + " |", "|" + "|".join("---" for _ in _EVAL_HEAD) + "|"]
+    head = _eval_head(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(_eval_cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def comparison_table(runs: Mapping[str, Sequence[dict]]) -> str:
     """One markdown table with the evaluation rows of several runs, a ``run`` column first."""
-    head = ["run", *_EVAL_HEAD]
+    head = ["run", *_eval_head([r for rows in runs.values() for r in rows])]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for name, rows in runs.items():
         lines += ["| " + " | ".join([name, *_eval_cells(r)]) + " |" for r in rows]
@@ -233,6 +244,7 @@ def plot_evaluation(path: str, runs: Mapping[str, Sequence[dict]]) -> str:
     import matplotlib.pyplot as plt
 
     fig, (ax_wr, ax_len) = plt.subplots(1, 2, figsize=(11, 4))
+    lc = lc_label([r for rows in runs.values() for r in rows])
     ticks: set[int] = set()
     for k, (name, rows) in enumerate(runs.items()):
         rows = sorted(rows, key=lambda r: r["iteration"])
@@ -241,7 +253,7 @@ def plot_evaluation(path: str, runs: Mapping[str, Sequence[dict]]) -> str:
         color = f"C{k % 10}"
         get = lambda key: [100 * r.get(key, float("nan")) for r in rows]
         label = name or None
-        ax_wr.plot(its, get("lc_win_rate"), "o-", color=color, label=f"{name} LC" if name else "LC win rate")
+        ax_wr.plot(its, get("lc_win_rate"), "o-", color=color, label=f"{name} {lc}" if name else f"{lc} win rate")
         ax_wr.plot(its, get("win_rate"), "s--", color=color, alpha=0.6, label=f"{name} raw" if name else "win rate")
         ax_wr.fill_between(its, get("ci_low"), get("ci_high"), color=color, alpha=0.12)
         ax_len.plot(its, [r.get("avg_length", float("nan")) for r in rows], "o-", color=color, label=label or "model")

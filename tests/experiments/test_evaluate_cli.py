@@ -105,7 +105,7 @@ def test_every_finished_iteration_is_evaluated_and_reported(run):
                  "iter_2/evaluate/config.json", "iter_2/evaluate/answers/config.json", "iter_2/evaluate/judge/manifest.json"):
         assert os.path.isfile(os.path.join(out, path)), path
     table = open(os.path.join(out, "evaluation.md")).read()
-    assert "| iter | LC win rate (%) | win rate (%) | CI (%) | length (chars) |" in table
+    assert "| iter | length-only LC win rate (%) | win rate (%) | CI (%) | length (chars) |" in table
     assert os.path.getsize(os.path.join(out, "evaluation.png")) > 0
     # the run's own settings: the rows join the run's metrics and report
     report = open(os.path.join(out, "report.md")).read()
@@ -245,7 +245,7 @@ def test_compare_puts_runs_side_by_side(run, tmp_path):
     data = json.load(open(os.path.join(dest, "comparison.json")))
     assert list(data) == ["self_reward", "meta_reward"] and data["self_reward"] == rows == data["meta_reward"]
     table = open(os.path.join(dest, "comparison.md")).read()
-    assert "| run | iter | LC win rate (%)" in table
+    assert "| run | iter | length-only LC win rate (%)" in table
     assert table.count("| self_reward | ") == 2 and table.count("| meta_reward | ") == 2
     assert os.path.getsize(os.path.join(dest, "comparison.png")) > 0
 
@@ -288,3 +288,110 @@ def test_eval_config_round_trips_through_the_run_config():
     cfg = dataclasses.replace(SMALL, judge="other", readout="verdict")
     assert RunInfo.of({**RUN, "evaluate": config_dict(cfg)}).evaluate == cfg
     assert RunInfo.of({"model": "tiny"}).evaluate == EvalConfig()
+
+
+# --------------------------------------------------------------------------- AlpacaEval's files
+
+
+def test_export_is_read_back_by_alpaca_eval_with_the_reports_numbers(run, tmp_path, capsys):
+    out, rows, _, _ = run
+    export, board = str(tmp_path / "alpaca"), str(tmp_path / "board")
+    assert main(["--run", out, "--quiet", "--export", export]) == 0
+    outputs = json.load(open(os.path.join(export, "meta_iter2", "model_outputs.json")))
+    answers = {a["id"]: a["answer"] for a in _records(out, 2, "answers")}
+    assert [o["output"] for o in outputs] == list(answers.values())
+    assert {tuple(sorted(o)) for o in outputs} == {("dataset", "generator", "instruction", "output")}
+    assert os.path.isfile(os.path.join(export, "meta_seed", "model_outputs.json"))  # the baseline's answers
+    capsys.readouterr()
+    assert main(["--alpaca-eval", export, "--out", board]) == 0
+    printed = capsys.readouterr().out
+    assert "| model | length-only LC (%) | win rate (%)" in printed
+    import csv
+
+    with open(os.path.join(board, "leaderboard.csv"), newline="") as f:
+        got = {r["model"]: r for r in csv.DictReader(f)}
+    assert list(next(iter(got.values())))[:5] == ["model", "win_rate", "standard_error", "length_only_lc_winrate", "avg_length"]
+    for r in rows:  # the same numbers as the run's own report, from AlpacaEval's files
+        g = got[f"meta_iter{r['iteration']}"]
+        assert float(g["win_rate"]) == pytest.approx(100 * r["win_rate"], abs=1e-9)
+        assert float(g["length_only_lc_winrate"]) == pytest.approx(100 * r["lc_win_rate"], abs=1e-6)
+        assert int(g["avg_length"]) == int(r["avg_length"]) and int(g["n_total"]) == r["n"]
+
+
+def test_prompts_take_alpaca_evals_json_list_and_max_prompts_0_uses_all(run, tmp_path):
+    out, _, _, heldout = run
+    out = str(shutil.copytree(out, tmp_path / "meta"))
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text(json.dumps([{"instruction": p["prompt"], "output": "-", "generator": "gpt4_1106_preview",
+                                 "dataset": "helpful_base"} for p in heldout[:6]]))
+    assert main(["--run", out, "--quiet", "--prompts", str(path), "--set", "max_prompts=0",
+                 "--external-judge", f"{THIS}:longer_answer_wins", "--export", str(tmp_path / "x")]) == 0
+    chosen = [read_jsonl(f) for f in glob.glob(os.path.join(out, "evaluate_baseline-*", "prompts.jsonl"))]
+    assert sorted(p["prompt"] for p in heldout[:6]) in [sorted(p["prompt"] for p in c) for c in chosen]
+    outputs = json.load(open(tmp_path / "x" / "meta_iter1" / "model_outputs.json"))
+    assert len(outputs) == 6 and {o["dataset"] for o in outputs} == {"helpful_base"}
+
+
+_FIXTURE = next((d for d in (os.environ.get("ALPACA_EVAL_FIXTURE", ""), "/work/shared/alpaca_eval",
+                             os.path.join(os.path.dirname(__file__), "..", "..", "shared", "alpaca_eval"))
+                 if d and os.path.isfile(os.path.join(d, "leaderboard.csv"))), None)
+
+
+@pytest.mark.skipif(_FIXTURE is None, reason="AlpacaEval fixture not found (set ALPACA_EVAL_FIXTURE)")
+def test_alpaca_eval_leaderboard_of_the_fixture_matches_the_published_win_rates(tmp_path, capsys):
+    import csv
+
+    gamma = str(tmp_path / "difficulty.csv")
+    assert main(["--alpaca-eval", os.path.join(_FIXTURE, "annotations"), "--fit-difficulty", gamma,
+                 "--out", str(tmp_path / "fit")]) == 0
+    assert "| model | AlpacaEval LC (%) | win rate (%)" in capsys.readouterr().out
+    with open(os.path.join(_FIXTURE, "leaderboard.csv"), newline="") as f:
+        published = {r["model"]: r for r in csv.DictReader(f)}
+    with open(tmp_path / "fit" / "leaderboard.csv", newline="") as f:
+        ours = list(csv.DictReader(f))
+    assert list(ours[0])[:5] == ["model", "win_rate", "standard_error", "length_controlled_winrate", "avg_length"]
+    assert {r["model"] for r in ours} == set(published)
+    for r in ours:
+        assert float(r["win_rate"]) == pytest.approx(float(published[r["model"]]["win_rate"]), abs=0.01)
+        assert int(r["avg_length"]) == int(float(published[r["model"]]["avg_length"]))
+    with open(gamma) as f:
+        assert f.readline().strip() == "index,instruction_difficulty" and len(f.readlines()) == 805
+    # the frozen γ read back gives the same LC as the fit that wrote it
+    assert main(["--alpaca-eval", os.path.join(_FIXTURE, "annotations"), "--difficulty", gamma,
+                 "--out", str(tmp_path / "frozen")]) == 0
+    with open(tmp_path / "frozen" / "leaderboard.csv", newline="") as f:
+        frozen = {r["model"]: r["length_controlled_winrate"] for r in csv.DictReader(f)}
+    assert frozen == {r["model"]: r["length_controlled_winrate"] for r in ours}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_field", "row 1: missing field(s) preference"),
+    ("two_baselines", "baseline 'other'"),
+    ("wrong_rows", "2 rows, but"),
+    ("empty_dir", "no annotations.json"),
+    ("both_gammas", "not both"),
+])
+def test_bad_annotation_files_are_one_readable_line(tmp_path, capsys, case, message):
+    def rec(i, **kw):
+        return {"instruction": f"q{i}", "output_1": "b" * (i + 1), "generator_1": "base", "output_2": "m" * (i + 2),
+                "generator_2": "m1", "preference": 1.5, **kw}
+
+    d = tmp_path / "ann"
+    d.mkdir()
+    good = [rec(i) for i in range(3)]
+    other = [rec(i, generator_2="m2") for i in range(3)]
+    if case == "missing_field":
+        del other[1]["preference"]
+    elif case == "two_baselines":
+        other = [rec(i, generator_2="m2", generator_1="other") for i in range(3)]
+    elif case == "wrong_rows":
+        other = other[:2]
+    if case != "empty_dir":
+        (d / "m1.json").write_text(json.dumps(good))
+        (d / "m2.json").write_text(json.dumps(other))
+    extra = ["--difficulty", "x.csv", "--fit-difficulty", "y.csv"] if case == "both_gammas" else []
+    with pytest.raises(SystemExit) as e:
+        run_main(main, ["--alpaca-eval", str(d), "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and err.startswith("error: ") and message in err
+    assert not os.path.exists(tmp_path / "o" / "leaderboard.csv")

@@ -12,7 +12,7 @@ import pytest
 from metajudge.prompt_sources import (
     PromptFileError,
     iteration_prompts,
-    load_prompts_jsonl,
+    load_prompt_file,
     load_seed_prompts,
     load_tfds_prompts,
     normalise_prompt,
@@ -84,13 +84,13 @@ def test_jsonl_loader_skips_bad_lines_and_reports_them_with_file_and_line(tmp_pa
         ],
     )
     with caplog.at_level(logging.WARNING, logger="metajudge.prompt_sources"):
-        prompts = load_prompts_jsonl(path)
+        prompts = load_prompt_file(path)
     assert [p["prompt"] for p in prompts] == ["Explain tides.", "Name three rivers."]
     assert prompts[0]["id"] == "a" and prompts[0]["source"] == f"{path}:1"
     assert prompts[1]["id"].startswith("sha-") and prompts[1]["source"] == f"{path}:6"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "skipped 6 invalid prompt line(s), kept 2" in warnings[0]
+    assert "skipped 6 invalid prompt record(s), kept 2" in warnings[0]
     for lineno in (2, 4, 5):  # the first three are spelled out, the rest counted
         assert f"{path}:{lineno}:" in warnings[0]
     assert "(+3 more)" in warnings[0]
@@ -110,31 +110,31 @@ def test_jsonl_loader_skips_bad_lines_and_reports_them_with_file_and_line(tmp_pa
 def test_jsonl_loader_names_each_problem_and_keeps_the_good_lines(tmp_path, caplog, line, problem):
     path = _write(tmp_path, [json.dumps({"prompt": "fine"}), line])
     with caplog.at_level(logging.WARNING, logger="metajudge.prompt_sources"):
-        assert [p["prompt"] for p in load_prompts_jsonl(path)] == ["fine"]
+        assert [p["prompt"] for p in load_prompt_file(path)] == ["fine"]
     assert f"{path}:2: " in caplog.text and problem in caplog.text
 
 
 def test_jsonl_loader_reads_a_custom_field_and_keeps_category(tmp_path):
     line = json.dumps({"instruction": "Sort these.", "category": "classification", "id": 7})
     path = _write(tmp_path, [line])
-    (p,) = load_prompts_jsonl(path, field="instruction")
+    (p,) = load_prompt_file(path, field="instruction")
     assert p == {"id": "7", "prompt": "Sort these.", "category": "classification", "source": f"{path}:1"}
 
 
 def test_missing_file_raises_prompt_file_error_naming_it(tmp_path):
     missing = tmp_path / "nowhere.jsonl"
     with pytest.raises(PromptFileError, match="nowhere.jsonl"):
-        load_prompts_jsonl(missing)
+        load_prompt_file(missing)
     assert issubclass(PromptFileError, ValueError)
 
 
 def test_file_with_no_valid_prompt_raises_naming_the_file(tmp_path):
     path = _write(tmp_path, ["{bad", json.dumps({"prompt": "  "})], name="junk.jsonl")
     with pytest.raises(PromptFileError, match=r"junk\.jsonl: no valid prompts \(2 invalid"):
-        load_prompts_jsonl(path)
+        load_prompt_file(path)
     empty = _write(tmp_path, [""], name="empty.jsonl")
     with pytest.raises(PromptFileError, match="empty.jsonl.*empty"):
-        load_prompts_jsonl(empty)
+        load_prompt_file(empty)
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -270,3 +270,23 @@ def test_heldout_prompts_never_reach_any_iteration():
     train, heldout = split_prompts(load_seed_prompts(), heldout_fraction=0.2, seed=4)
     used = {i for t in range(1, 12) for i in _ids(iteration_prompts(train, t, 90, seed=4))}
     assert used and not used & set(_ids(heldout))
+
+
+def test_alpaca_eval_json_list_reads_every_instruction_with_its_dataset(tmp_path):
+    # AlpacaEval's evaluation set: one JSON list; records carry instruction, output, generator, dataset.
+    records = [{"instruction": f"Question {i}?", "output": "x", "generator": "gpt4_1106_preview",
+                "dataset": "helpful_base" if i % 2 else "koala"} for i in range(5)]
+    records.append({"instruction": "", "dataset": "oasst"})  # skipped, counted
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text(json.dumps(records, indent=2))
+    prompts = load_prompt_file(path)
+    assert [p["prompt"] for p in prompts] == [f"Question {i}?" for i in range(5)]
+    assert [p["dataset"] for p in prompts] == ["koala", "helpful_base", "koala", "helpful_base", "koala"]
+    assert prompts[3]["source"] == f"{path}[3]" and prompts[3]["id"].startswith("sha-")
+
+
+def test_jsonl_whose_first_line_is_a_list_is_still_read_line_by_line(tmp_path, caplog):
+    path = _write(tmp_path, [json.dumps(["not", "a", "prompt"]), json.dumps({"prompt": "fine"})])
+    with caplog.at_level(logging.WARNING, logger="metajudge.prompt_sources"):
+        assert [p["prompt"] for p in load_prompt_file(path)] == ["fine"]
+    assert f"{path}:1: a record must be a JSON object" in caplog.text
