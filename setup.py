@@ -28,14 +28,18 @@ setup(
         "jinja2>=3.1",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "tpu": ["jax[tpu]>=0.6.1,<0.12"],
         "cuda": ["jax[cuda12]>=0.6.1,<0.12"],
         "tfds": ["tensorflow-datasets>=4.9"],
+        "wandb": ["wandb>=0.19"],
         # The peers the benchmarks compare against (make bench): HF transformers on torch, TRL's DPOTrainer.
         "bench": ["torch==2.13.0", "accelerate>=1.0", "trl>=1.0,<2", "datasets>=3.0"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0", "accelerate>=1.0",
-                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                # the logging tests: W&B offline, and TensorBoard's own reader of the event files
+                "wandb>=0.19", "tensorboard>=2.16"],
     },
 )

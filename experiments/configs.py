@@ -34,6 +34,16 @@ AttentionImpl = Literal["xla", "pallas", "auto"]
 
 
 @dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Where the loop's metrics go besides ``metrics.json(l)`` and the plots (``metajudge.metric_log``):
+    TensorBoard event files always; Weights & Biases with ``wandb=True``."""
+
+    wandb: bool = False
+    wandb_project: str = "metajudge"
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: no network, files under <out>/wandb
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """How a run's models are evaluated on held-out prompts (``LoopConfig.evaluate``)."""
 
@@ -104,6 +114,7 @@ class LoopConfig:
     dpo: DPORunConfig = DPORunConfig(max_len=768, batch_size=8, num_epochs=1, save_every=50,
                                      train=TrainConfig(learning_rate=1e-6, beta=0.1, warmup_steps=2))
     evaluate: EvalConfig = EvalConfig()  # held-out win rates of M_{t+1} against the seed (experiments/evaluate.py)
+    log: LogConfig = LogConfig()  # TensorBoard and W&B
 
     def __post_init__(self) -> None:
         if not self.rho:

@@ -24,12 +24,13 @@ from experiments.cli import config_dict
 from experiments.configs import LoopConfig, resolve, resolved_dict
 from experiments.evaluate import evaluate_iteration
 from metajudge import meta_judge as mj
+from metajudge.metric_log import WANDB_INSTALL, MetricLog, start_wandb, wandb_available
 from metajudge.pair_assembly import anchored_pairs, build_pairs, future_guided_pairs, meta_judge_targets
 from metajudge.prompt_sources import iteration_prompts, load_prompt_file, load_seed_prompts, split_prompts
 from metajudge.report import iteration_metrics, write_report
 from metajudge.roles import act, judge, meta_judge, shard_rng
 from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_atomic
-from metajudge.trainer import DPORunConfig, resolve_mesh, run_dpo
+from metajudge.trainer import DPORunConfig, UsageError, resolve_mesh, run_dpo
 from models import distributed
 from models.loading import save_hf
 from models.scoring import score
@@ -170,7 +171,8 @@ def hidden_cosine(model: Any, tok: Any, pairs: list[dict], batch_size: int = 16)
     return float(cos.mean())
 
 
-def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model, config, tok, base_fp, mesh) -> list[dict]:
+def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model, config, tok, base_fp, mesh,
+                          wandb_run=None) -> list[dict]:
     """Stages ``initial/*`` (M_0 samples, M_t judges), ``future/*`` (M_f = DPO(M_t, D1) samples,
     M_t judges; M_f's weights are deleted afterwards) and returns D2, the future-guided pairs."""
     initial_gen = initial_judged = None
@@ -199,7 +201,8 @@ def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model
     fut_fp = {**base_fp, "future_dpo": config_dict(fut_cfg)}
     # M_f is trained (or restored from its checkpoint after a kill) only if it still has to sample.
     future = _Lazy(lambda: run_dpo(model, config, tok, d1_path, os.path.join(fut_dir, "dpo"),
-                                   dataclasses.replace(fut_cfg, export=False), resume=True, mesh=mesh))
+                                   dataclasses.replace(fut_cfg, export=False), resume=True, mesh=mesh,
+                                   wandb_run=wandb_run, log_prefix=f"iter_{t}/future_dpo"))
     future_gen = _generate_stage(cfg, it_dir, t, future_prompts, future, tok, fut_fp, name="future/generate")
     del future
     if distributed.is_primary():  # M_f is discarded (its samples are all that is kept)
@@ -212,12 +215,27 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
     """Runs (or resumes) every iteration; returns the metrics of all iterations. ``cfg`` is resolved
     first (``experiments.configs.resolve``: the DPO settings the loop derives are filled in)."""
     cfg = resolve(cfg)
+    if cfg.log.wandb and not wandb_available():
+        raise UsageError(f"log.wandb=true needs the wandb package: {WANDB_INSTALL}")
     resolved = resolved_dict(cfg)
     distributed.check_same([resolved, out], "the loop settings and --out")
     os.makedirs(out, exist_ok=True)
     write_json_atomic(os.path.join(out, "config.json"), resolved)
     mesh = resolve_mesh(cfg.mesh)
     train_prompts, _ = _prompts(cfg, out)
+    wandb_run = (start_wandb(out, project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
+                             name=os.path.basename(os.path.normpath(out)), config=resolved) if cfg.log.wandb else None)
+    # Every iteration's metrics are logged again on a resumed run, so older events are hidden (purge).
+    loop_log = MetricLog(os.path.join(out, "tensorboard"), prefix="loop", purge_step=1, wandb_run=wandb_run)
+    try:
+        return _iterations(cfg, out, mesh, train_prompts, loop_log, wandb_run)
+    finally:
+        loop_log.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+
+
+def _iterations(cfg: LoopConfig, out: str, mesh: Any, train_prompts: list[dict], loop_log: MetricLog, wandb_run: Any) -> dict:
     all_metrics = []
     for t in range(1, cfg.iterations + 1):
         it_dir = os.path.join(out, f"iter_{t}")
@@ -238,7 +256,7 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
             actor = None
             if cfg.temporal:
                 actor = _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model, config, tok,
-                                              base_fp, mesh)
+                                              base_fp, mesh, wandb_run=wandb_run)
             pairs, pair_stats = build_pairs(generated, judged, metajudged, rho=cfg.rho_at(t), battle_rule=cfg.battle_rule,
                                             judgment_max_chars=cfg.judgment_max_chars, actor=actor)
             pair_stats["hidden_cosine"] = hidden_cosine(model, tok, pairs)
@@ -257,7 +275,8 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
                 save_hf(config, model, os.path.join(dpo_dir, "model"))
                 new_model = model
             else:
-                new_model = run_dpo(model, config, tok, pairs_path, dpo_dir, dpo_cfg, resume=True, mesh=mesh)
+                new_model = run_dpo(model, config, tok, pairs_path, dpo_dir, dpo_cfg, resume=True, mesh=mesh,
+                                    wandb_run=wandb_run, log_prefix=f"iter_{t}/dpo")
             dpo_stage.finish({"seconds": round(time.time() - t0, 1)})
         metrics = iteration_metrics(t, generated, judged, metajudged, pair_stats, dpo_dir)
         if cfg.evaluate.enabled:
@@ -265,6 +284,7 @@ def run_loop(cfg: LoopConfig, out: str) -> dict:
                                                        mesh=mesh)
         del new_model
         write_json_atomic(os.path.join(it_dir, "metrics.json"), metrics)
+        loop_log.log(metrics, step=t)
         all_metrics.append(metrics)
         if distributed.is_primary():  # one writer on multi-process runs
             write_report(out, all_metrics)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from metajudge.checkpoint import CheckpointManager
 from metajudge.data import DataError, build_dpo_examples, make_dataset, read_jsonl
+from metajudge.metric_log import MetricLog
 from metajudge.stages import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from metajudge.train import (
     TrainConfig, TrainingDiverged, TrainStep, abstract_train_state, batch_rows, compute_reference_logps,
@@ -155,8 +156,15 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     write_text_atomic(path, "".join(keep))
 
 
-def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], run: RunConfig, resume: bool, mesh: Any) -> Any:
-    """Trains ``model`` on ``examples`` (``"sft"`` or ``"dpo"`` rows); returns the final ``TrainState``."""
+def train_loop(
+    kind: str, *, config: Any, model: Any, examples: Sequence[dict], run: RunConfig, resume: bool, mesh: Any,
+    wandb_run: Any = None, log_prefix: Optional[str] = None,
+) -> Any:
+    """Trains ``model`` on ``examples`` (``"sft"`` or ``"dpo"`` rows); returns the final ``TrainState``.
+
+    Each step's metrics go to ``<out>/metrics.jsonl`` and to TensorBoard (``<out>/tensorboard``),
+    and to ``wandb_run`` under ``log_prefix`` (default ``kind``) when one is given
+    (``metajudge.metric_log``)."""
     check_out_dir(run.out, resume)
     steps = total_steps(run, len(examples))
     train = run.train.replace(total_steps=steps)
@@ -193,6 +201,9 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
     extra = {"kind": kind, "run": dataclasses.asdict(run), "model": dataclasses.asdict(config)}
 
     bar = tqdm(total=steps, initial=start, desc=kind, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not is_primary())
+    # A resumed run hides the events its interrupted attempt wrote after the restored step.
+    mlog = MetricLog(os.path.join(run.out, "tensorboard"), prefix=log_prefix or kind,
+                     purge_step=start + 1 if start else None, wandb_run=wandb_run)
     try:
         with open(metrics_path if is_primary() else os.devnull, "a") as mf:  # one writer on multi-process runs
             for done in range(start + 1, steps + 1):
@@ -210,6 +221,7 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
                 rec = {"step": done, **m, "tokens": n_tok, "tokens_per_s": n_tok / dt, "step_time_s": dt, "batch_crc": crc}
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
+                mlog.log(rec, step=done)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{n_tok / dt:,.0f}")
                 bar.update(1)
                 stopping = run.stop_after > 0 and done >= run.stop_after
@@ -220,6 +232,7 @@ def train_loop(kind: str, *, config: Any, model: Any, examples: Sequence[dict], 
                     break
     finally:
         bar.close()
+        mlog.close()
         ckpt.close()
     if run.export and int(state.step) == steps:
         save_hf(config, state.model, os.path.join(run.out, "model"))
@@ -269,13 +282,15 @@ def run_dpo(
     resume: bool = True,
     *,
     mesh: Any = None,
+    wandb_run: Any = None,
+    log_prefix: str = "dpo",
 ) -> Any:
     """Trains ``model`` (also the reference) on the pairs; returns the new model (M_{t+1}).
 
     ``train_cfg`` is a ``TrainConfig`` (other settings at ``DPORunConfig`` defaults) or a full
     ``DPORunConfig``. The mesh is the model's own when it was created on one, else ``mesh`` or
     ``run.mesh``. With ``resume`` an interrupted run in ``out_dir`` continues where it stopped;
-    a finished one just returns its model.
+    a finished one just returns its model. ``wandb_run`` / ``log_prefix``: see :func:`train_loop`.
     """
     run = train_cfg if isinstance(train_cfg, DPORunConfig) else DPORunConfig(train=train_cfg)
     run = dataclasses.replace(run, data=pairs_jsonl, out=out_dir)
@@ -285,5 +300,6 @@ def run_dpo(
         mesh = resolve_mesh(run.mesh)
     check_out_dir(out_dir, resume)  # before the reference pass rewrites <out>/pairs_ref.jsonl
     examples = reference_pairs(model, tokenizer, pairs_jsonl, run, mesh, resume)
-    state = train_loop("dpo", config=config, model=model, examples=examples, run=run, resume=resume, mesh=mesh)
+    state = train_loop("dpo", config=config, model=model, examples=examples, run=run, resume=resume, mesh=mesh,
+                       wandb_run=wandb_run, log_prefix=log_prefix)
     return state.model
