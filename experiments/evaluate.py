@@ -34,8 +34,8 @@ evaluated are read back, not redone.
 
 AlpacaEval's files: ``--export DIR`` (with ``--run`` / ``--compare``) also writes each evaluated
 iteration as AlpacaEval's ``model_outputs.json`` and our judge's preferences as its
-``annotations.json`` (:func:`export_alpaca_eval`); ``--alpaca-eval DIR`` reads such files (ours or
-AlpacaEval's own) into a leaderboard (``experiments.leaderboard``); ``--prompts`` also takes
+``annotations.json`` (``experiments.alpaca_files``); ``--alpaca-eval DIR`` reads such files (ours or
+AlpacaEval's own) into a leaderboard (``experiments.alpaca_files``); ``--prompts`` also takes
 AlpacaEval's evaluation set (a JSON list with ``instruction``; ``--set max_prompts=0`` for all).
 
 External judge (``--external-judge pkg.mod:fn``): ``fn(batch: list[tuple[str, str, str]])``
@@ -61,24 +61,16 @@ import numpy as np
 
 from experiments.cli import UsageError, apply_overrides, config_dict, run_main
 from experiments.configs import EvalConfig, RunInfo
+from experiments.eval_inputs import ModelPool, heldout_candidates, tokenizer_source, training_prompts
 from experiments.external_judge import call_external_judge, load_external_judge
-from experiments.leaderboard import alpaca_eval_leaderboard, leaderboard_table
-from metajudge.evaluate import (
-    both_orders,
-    preferences_from_both_orders,
-    select_eval_prompts,
-    summarize,
-    win_rate,
-)
-from metajudge.alpaca_eval import annotation_records, model_outputs_records
-from metajudge.prompt_sources import PromptFileError, load_prompt_file, load_seed_prompts, split_prompts
+from experiments.alpaca_files import alpaca_eval_leaderboard, export_alpaca_eval, leaderboard_table
+from metajudge.evaluate import both_orders, preferences_from_both_orders, select_eval_prompts, summarize, win_rate
 from metajudge.prompts import DEFAULT_PAIRWISE_TEMPLATE
 from metajudge.report import comparison_table, evaluation_table, write_evaluation_report, write_report
 from metajudge.roles import act, pairwise_judge, shard_rng
-from metajudge.stages import Stage, StageMismatch, fingerprint, read_jsonl, write_json_atomic, write_jsonl_atomic
+from metajudge.stages import Stage, StageMismatch, fingerprint, write_json_atomic, write_jsonl_atomic
 from metajudge.trainer import resolve_mesh
 from models import distributed
-from models.sources import TINY_MODEL, default_tokenizer, load_model_and_tokenizer
 from models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,81 +78,6 @@ log = logging.getLogger(__name__)
 EVAL_STREAM = 7001  # shard_rng stream of the evaluation (answers: (EVAL_STREAM, 1, shard); judge: 2)
 BASELINE_DIR = "evaluate_baseline"
 EVAL_DIR = "evaluate"
-
-
-# -------------------------------------------------------------------------------------- models
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
-def tokenizer_source(run: RunInfo, source: str, *, policy: bool) -> str:
-    """Where the tokenizer of model ``source`` comes from. The run's own models (``policy``: the
-    seed and the iterations' exports, which carry no tokenizer) and a local checkpoint directory
-    without tokenizer files use the run's tokenizer; ``"tiny"`` the run's or the embedded one;
-    any other source its own."""
-    run_tok = default_tokenizer(run.model, run.tokenizer)
-    if source == TINY_MODEL:
-        return default_tokenizer(TINY_MODEL, run.tokenizer)
-    bare_dir = os.path.isdir(source) and not any(os.path.exists(os.path.join(source, f)) for f in _TOKENIZER_FILES)
-    return run_tok if policy or bare_dir else source
-
-
-class ModelPool:
-    """Models loaded on demand and kept for reuse (the judge and the baseline across iterations)."""
-
-    def __init__(self, mesh: Any = None):
-        self.mesh = mesh
-        self._models: dict[tuple, tuple[Any, Any, Any]] = {}
-
-    def get(self, run: RunInfo, source: str, *, policy: bool) -> tuple[Any, Any, Any]:
-        """``(config, model, tokenizer)`` of ``source``; ``policy``: one of the run's own models
-        (the seed or an iteration's), which share the run's tokenizer."""
-        tok_source = tokenizer_source(run, source, policy=policy)
-        options = run.model_options()
-        key = (source, tok_source, *options.values(), run.seed if source == TINY_MODEL else None)
-        if key not in self._models:
-            self._models[key] = load_model_and_tokenizer(source, tok_source, mesh=self.mesh, seed=run.seed, **options)
-        return self._models[key]
-
-    def drop(self, source: str) -> None:
-        """Forgets every loaded model of ``source``."""
-        for key in [k for k in self._models if k[0] == source]:
-            del self._models[key]
-
-
-# ------------------------------------------------------------------------------------- prompts
-
-
-def training_prompts(run_dir: str, run: RunInfo) -> list[dict]:
-    """Every prompt the run could have trained on: the train side of its prompt split, plus the
-    prompts its generate stages actually used."""
-    out: list[dict] = []
-    if run.prompts is None or os.path.isfile(run.prompts):
-        pool = load_prompt_file(run.prompts) if run.prompts else load_seed_prompts()
-        out += split_prompts(pool, heldout_fraction=run.heldout_fraction, seed=run.seed)[0]
-    else:
-        log.warning("%s: the run's prompt file is gone; checking against the prompts its iterations used", run.prompts)
-    for path in sorted(glob.glob(os.path.join(run_dir, "iter_*", "generate", "shard_*.jsonl"))):
-        out += [{"id": r["id"], "prompt": r["prompt"]} for r in read_jsonl(path)]
-    return out
-
-
-def heldout_candidates(run_dir: str, run: RunInfo, prompts_file: Optional[str]) -> list[dict]:
-    """``prompts_file`` if given, else the run's recorded held-out split (recomputed and recorded
-    from its config when the file is missing)."""
-    try:
-        if prompts_file:
-            return load_prompt_file(prompts_file)
-        path = os.path.join(run_dir, "heldout_prompts.jsonl")
-        if os.path.exists(path):
-            return read_jsonl(path)
-        pool = load_prompt_file(run.prompts) if run.prompts else load_seed_prompts()
-        heldout = split_prompts(pool, heldout_fraction=run.heldout_fraction, seed=run.seed)[1]
-        write_jsonl_atomic(path, heldout)
-        return heldout
-    except PromptFileError as e:
-        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------- evaluator
@@ -447,38 +364,6 @@ def _cli_config(run: RunInfo, args: argparse.Namespace) -> tuple[EvalConfig, Opt
     return cfg, args.tag
 
 
-def _file_name(name: str) -> str:
-    """``name`` as one safe path component (AlpacaEval's results/<model>/<annotator>/ layout)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
-
-
-def export_alpaca_eval(ev: Evaluator, iterations: Sequence[int], out: str, label: str) -> list[str]:
-    """Writes each evaluated iteration in AlpacaEval's files under ``out``:
-    ``<label>_iter<t>/model_outputs.json`` (the model's answers), ``<label>_iter<t>/<judge>/annotations.json``
-    (our judge's order-averaged preferences against the baseline) and ``<baseline>/model_outputs.json``.
-    ``python -m experiments.evaluate --alpaca-eval out`` reads them back. Returns the annotation paths."""
-    datasets = {str(p["id"]): p.get("dataset") for p in heldout_candidates(ev.run_dir, ev.run, ev.cfg.prompts)}
-    baseline_name = ev.baseline_source if ev.baseline_source != ev.run.model else f"{label}_seed"
-    annotator = f"metajudge_pairwise_{_file_name(ev.judge_label)}"
-    paths = []
-    for t in iterations:
-        pairs = ev.judged_pairs(t)
-        instructions = [p["prompt"] for p in pairs]
-        ds = [datasets.get(p["id"]) for p in pairs]
-        model = f"{label}_iter{t}"
-        write_json_atomic(os.path.join(out, _file_name(model), "model_outputs.json"),
-                          model_outputs_records(instructions, [p["model"] for p in pairs], model, ds))
-        path = os.path.join(out, _file_name(model), annotator, "annotations.json")
-        write_json_atomic(path, annotation_records(
-            instructions, [p["baseline"] for p in pairs], [p["model"] for p in pairs], [p["preference"] for p in pairs],
-            baseline=baseline_name, model=model, annotator=annotator, datasets=ds))
-        paths.append(path)
-        if t == iterations[0]:
-            write_json_atomic(os.path.join(out, _file_name(baseline_name), "model_outputs.json"),
-                              model_outputs_records(instructions, [p["baseline"] for p in pairs], baseline_name, ds))
-    return paths
-
-
 def evaluate_run(run_dir: str, args: argparse.Namespace, pool: Optional[ModelPool] = None) -> tuple[list[dict], Optional[str]]:
     """Evaluates every finished iteration of a run (skipping those already done); writes the
     run's evaluation report. Returns the rows and the tag."""
@@ -530,7 +415,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     what.add_argument("--run", metavar="DIR", help="a loop run directory (its --out)")
     what.add_argument("--compare", nargs="+", metavar="DIR", help="several run directories side by side")
     what.add_argument("--alpaca-eval", dest="alpaca_eval", metavar="DIR",
-                      help="a leaderboard from AlpacaEval annotations.json files under DIR (experiments.leaderboard)")
+                      help="a leaderboard from AlpacaEval annotations.json files under DIR (experiments.alpaca_files)")
     ap.add_argument("--out", default=None,
                     help="--compare: where the table and plot go (default runs/comparison); "
                          "--alpaca-eval: where leaderboard.csv/.md go (default runs/leaderboard)")

@@ -139,7 +139,7 @@ def test_derived_dpo_settings_given_in_code_are_refused_unless_they_agree():
 
 
 def test_model_options_reach_the_models_the_run_loads():
-    from experiments.evaluate import ModelPool
+    from experiments.eval_inputs import ModelPool
     from models.sources import load_model_and_tokenizer
 
     cfg = apply_overrides(_tiny(), ["attention_impl=pallas", "remat=true"])

@@ -18,7 +18,8 @@ import pytest
 
 from experiments.cli import config_dict, run_main
 from experiments.configs import EvalConfig, RunInfo
-from experiments.evaluate import Evaluator, ModelPool, evaluate_iteration, main
+from experiments.eval_inputs import ModelPool
+from experiments.evaluate import Evaluator, evaluate_iteration, main
 from metajudge.prompt_sources import load_seed_prompts, normalise_prompt, split_prompts
 from metajudge.prompts import pairwise_prompt
 from metajudge.report import iteration_metrics

@@ -1,6 +1,11 @@
-"""A leaderboard from AlpacaEval annotation files (``python -m experiments.evaluate --alpaca-eval DIR``).
+"""AlpacaEval's files: a run's evaluations exported as them (``--export``), a leaderboard read from them (``--alpaca-eval``).
 
-Reads every model's ``annotations.json[.gz]`` under ``DIR`` (AlpacaEval's ``results/<model>/<annotator>/``
+Export (``python -m experiments.evaluate --run DIR --export OUT``): each evaluated iteration as
+AlpacaEval's ``OUT/<run>_iter<t>/model_outputs.json`` and our judge's order-averaged preferences as
+``OUT/<run>_iter<t>/<judge>/annotations.json`` (``preference`` = 1 + P(model wins)), plus the
+baseline's ``model_outputs.json``.
+
+Leaderboard (``python -m experiments.evaluate --alpaca-eval DIR``): reads every model's ``annotations.json[.gz]`` under ``DIR`` (AlpacaEval's ``results/<model>/<annotator>/``
 layout, or one file per model directly in ``DIR``; ``metajudge.alpaca_eval``), checks that they
 share instructions, baseline and annotator, and gives one row per model: win rate, its standard
 error, the LC win rate and the average output length, in percent as AlpacaEval shows them.
@@ -18,21 +23,25 @@ Writes ``<out>/leaderboard.csv`` (``model`` first, then AlpacaEval's column name
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 from metajudge.alpaca_eval import (
     LENGTH_ONLY_LC_COLUMN,
     annotation_files,
+    annotation_records,
     fit_difficulty,
     leaderboard_csv,
     leaderboard_row,
+    model_outputs_records,
     read_annotation_set,
     read_difficulty_csv,
     summarize_annotations,
     write_difficulty_csv,
 )
 from metajudge.stages import write_json_atomic, write_text_atomic
+from experiments.eval_inputs import heldout_candidates
 from metajudge.trainer import UsageError
 
 
@@ -96,3 +105,36 @@ def alpaca_eval_leaderboard(
         "alpaca_eval": directory, "files": [a.path for a in annotations], "difficulty": difficulty,
         "fit_difficulty": fit_to, "n_boot": n_boot})
     return rows
+
+
+def _file_name(name: str) -> str:
+    """``name`` as one safe path component (AlpacaEval's results/<model>/<annotator>/ layout)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def export_alpaca_eval(ev: Any, iterations: Sequence[int], out: str, label: str) -> list[str]:
+    """Writes each evaluated iteration in AlpacaEval's files under ``out``:
+    ``<label>_iter<t>/model_outputs.json`` (the model's answers), ``<label>_iter<t>/<judge>/annotations.json``
+    (our judge's order-averaged preferences against the baseline) and ``<baseline>/model_outputs.json``.
+    ``python -m experiments.evaluate --alpaca-eval out`` reads them back. ``ev``: the
+    ``experiments.evaluate.Evaluator`` that evaluated them. Returns the annotation paths."""
+    datasets = {str(p["id"]): p.get("dataset") for p in heldout_candidates(ev.run_dir, ev.run, ev.cfg.prompts)}
+    baseline_name = ev.baseline_source if ev.baseline_source != ev.run.model else f"{label}_seed"
+    annotator = f"metajudge_pairwise_{_file_name(ev.judge_label)}"
+    paths = []
+    for t in iterations:
+        pairs = ev.judged_pairs(t)
+        instructions = [p["prompt"] for p in pairs]
+        ds = [datasets.get(p["id"]) for p in pairs]
+        model = f"{label}_iter{t}"
+        write_json_atomic(os.path.join(out, _file_name(model), "model_outputs.json"),
+                          model_outputs_records(instructions, [p["model"] for p in pairs], model, ds))
+        path = os.path.join(out, _file_name(model), annotator, "annotations.json")
+        write_json_atomic(path, annotation_records(
+            instructions, [p["baseline"] for p in pairs], [p["model"] for p in pairs], [p["preference"] for p in pairs],
+            baseline=baseline_name, model=model, annotator=annotator, datasets=ds))
+        paths.append(path)
+        if t == iterations[0]:
+            write_json_atomic(os.path.join(out, _file_name(baseline_name), "model_outputs.json"),
+                              model_outputs_records(instructions, [p["baseline"] for p in pairs], baseline_name, ds))
+    return paths
