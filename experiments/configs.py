@@ -83,7 +83,10 @@ class LoopConfig:
     method: Literal["meta_reward", "self_reward"] = "meta_reward"
     model: str = "smollm2-135m-instruct"  # any models.load_model source, or "tiny" (models.sources)
     tokenizer: Optional[str] = None  # default: the model's own (the embedded one for "tiny")
-    dtype: str = "float32"  # parameter and compute dtype of every model
+    dtype: str = "float32"  # compute dtype of every model (and of the exported models)
+    # Master weights and optimizer moments: float32 by default, so updates of lr ~1e-6 are not
+    # rounded away in bfloat16 (sampling and scoring use a copy cast to `dtype`).
+    param_dtype: str = "float32"
     mesh: Optional[str] = None  # e.g. "data=2,fsdp=-1,tensor=4"; default: every device on fsdp
     attention_impl: AttentionImpl = "xla"  # "auto": Pallas on TPU/GPU, XLA on CPU
     remat: bool = False  # the models rematerialise each decoder block when differentiated
@@ -134,7 +137,8 @@ class LoopConfig:
 
     def model_options(self) -> dict[str, Any]:
         """The options every model of the run is loaded with (``models.sources.load_model_and_tokenizer``)."""
-        return {"dtype": self.dtype, "attention_impl": self.attention_impl, "remat": self.remat}
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype, "attention_impl": self.attention_impl,
+                "remat": self.remat}
 
 
 # ------------------------------------------------------------------------ derived settings
@@ -219,6 +223,7 @@ class RunInfo:
     model: str = "smollm2-135m-instruct"
     tokenizer: Optional[str] = None
     dtype: str = "float32"
+    param_dtype: Optional[str] = None  # None: dtype (runs saved before the setting existed)
     mesh: Optional[str] = None
     attention_impl: AttentionImpl = "xla"
     remat: bool = False
@@ -241,7 +246,8 @@ class RunInfo:
         return cls(**kw)
 
     def model_options(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "attention_impl": self.attention_impl, "remat": self.remat}
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype or self.dtype, "attention_impl": self.attention_impl,
+                "remat": self.remat}
 
 
 def from_dict(cls: type, d: Mapping[str, Any]) -> Any:

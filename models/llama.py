@@ -468,3 +468,19 @@ def create_model(config: LlamaConfig, *, seed: int = 0, mesh: Any = None) -> Lla
         return jax.lax.with_sharding_constraint(state, shardings)
 
     return nnx.merge(graphdef, init())
+
+
+def compute_copy(model: Llama) -> Llama:
+    """``model`` itself when its parameters are in the compute dtype; else a copy with every
+    parameter cast to ``config.dtype`` once (same sharding), so sampling and scoring read
+    bfloat16 weights rather than casting float32 master weights at every step. Training keeps
+    the master weights (the forward casts them; `metajudge.train`)."""
+    c = model.config
+    if jnp.dtype(c.param_dtype) == jnp.dtype(c.dtype):
+        return model
+    graphdef, state = nnx.split(model)
+    dt = jnp.dtype(c.dtype)
+    state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    copy = nnx.merge(graphdef, state)
+    copy.config = c.replace(param_dtype=c.dtype)
+    return copy

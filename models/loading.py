@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -191,7 +191,7 @@ def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
         "bos_token_id": c.bos_token_id,
         "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) != 1 else c.eos_token_ids[0],
         "pad_token_id": c.pad_token_id,
-        "torch_dtype": c.param_dtype,
+        "torch_dtype": c.dtype,  # the export is in the compute dtype (master weights may be wider)
         PROJECT_KEY: {"attention_impl": c.attention_impl, "remat": c.remat},
     }
     sc = c.rope_scaling
@@ -296,10 +296,13 @@ def build_model(
     return model
 
 
-def load_model(source: str, *, dtype: str = "float32", mesh: Any = None, **config_overrides: Any) -> tuple[LlamaConfig, Llama]:
+def load_model(
+    source: str, *, dtype: str = "float32", param_dtype: Optional[str] = None, mesh: Any = None, **config_overrides: Any,
+) -> tuple[LlamaConfig, Llama]:
     """Loads ``(config, model)`` from any supported source (see module doc).
 
-    ``dtype`` sets both the parameter and the compute dtype; ``config_overrides`` replace other
+    ``dtype`` is the compute dtype, ``param_dtype`` the dtype the parameters are kept in (default:
+    ``dtype``; float32 master weights with bfloat16 compute for training); ``config_overrides`` replace other
     config fields (``remat=True``, ``attention_impl=...``). Without them ``attention_impl`` and
     ``remat`` are the ones ``save_hf`` wrote (``PROJECT_KEY`` of ``config.json``), else the defaults.
     """
@@ -319,12 +322,13 @@ def load_model(source: str, *, dtype: str = "float32", mesh: Any = None, **confi
             raise LoadError(f"{cfg_path}: invalid JSON ({e})") from None
         config = config_from_hf(hf, source=cfg_path)
         getters = open_safetensors_dir(path)
-    config = config.replace(dtype=dtype, param_dtype=dtype, **config_overrides)
+    config = config.replace(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
     return config, build_model(config, getters, mesh=mesh, source=path)
 
 
 def save_hf(config: LlamaConfig, model: Llama, directory: str, *, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes an HF-loadable checkpoint (``config.json`` + safetensors shards) atomically.
+    """Writes an HF-loadable checkpoint (``config.json`` + safetensors shards) atomically, in the
+    compute dtype ``config.dtype`` (master weights kept in a wider ``param_dtype`` are rounded once).
 
     On a multi-process run every process must call it (parameters sharded over several processes
     are gathered); process 0 writes, and every process returns once the directory is complete.
@@ -333,7 +337,7 @@ def save_hf(config: LlamaConfig, model: Llama, directory: str, *, max_shard_byte
     for path, hf_name, _, to_hf in param_map(config):
         value = to_host(_variable_at(model, path).value)
         if is_primary():
-            tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(value, dtype=np.float32)).astype(_np_dtype(config.param_dtype)))
+            tensors[hf_name] = np.ascontiguousarray(to_hf(np.asarray(value, dtype=np.float32)).astype(_np_dtype(config.dtype)))
     if is_primary():
         _write_hf(config, tensors, directory, max_shard_bytes)
     barrier(f"save_hf {directory}")

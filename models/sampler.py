@@ -63,7 +63,7 @@ from models.decode_cache import _cache_axes, _cache_rows, _grow_fn
 from models.decode_forward import _decode_weights, _forward, _logits
 from models.distributed import put_global, to_host
 from models.executables import _run
-from models.llama import Llama
+from models.llama import Llama, compute_copy
 from models.placement import _batch_multiple, _constrain_tree, _put, _shard_ctx
 from models.prefill import _prefill
 from models.sampling import _Mode, _sample
@@ -188,6 +188,7 @@ def generate(
     ``rng`` (a PRNG key) is needed unless ``temperature == 0``. ``row_ids`` (default ``0..R-1``)
     name the rows' random streams; equal ids give equal samples whatever the batch.
     """
+    model = compute_copy(model)
     c, ctx = model.config, _shard_ctx(model)
     if max_new_tokens < 1 or n_samples < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} and n_samples={n_samples} must be >= 1")

@@ -17,7 +17,7 @@ from flax import nnx
 from models.buckets import DEFAULT_BUCKETS, Buckets, _check_prompts, _round_up, bucket
 from models.distributed import to_host
 from models.executables import _run
-from models.llama import Llama
+from models.llama import Llama, compute_copy
 from models.placement import _batch_multiple, _put, _shard_ctx
 
 
@@ -75,6 +75,7 @@ def score(
     """
     if len(prompt_tokens) != len(response_tokens):
         raise ValueError(f"{len(prompt_tokens)} prompts but {len(response_tokens)} responses")
+    model = compute_copy(model)
     c, ctx = model.config, _shard_ctx(model)
     responses = [[int(t) for t in x] for x in response_tokens]
     prompts = _check_prompts(model, prompt_tokens, 0)
@@ -139,6 +140,7 @@ def next_token_logprobs(
 
     One jitted forward per length-bucketed batch; only the last position goes through the LM head.
     """
+    model = compute_copy(model)
     ctx = _shard_ctx(model)
     seqs = _check_prompts(model, sequences, 1, what="sequence")
     graphdef, state = nnx.split(model)
