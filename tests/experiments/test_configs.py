@@ -100,7 +100,7 @@ def test_tiny_config_json_keeps_every_former_key_and_value():
 
 @pytest.mark.parametrize("item, message", [
     ("actor.m=3", "Sampling has no field 'm'; fields: n, temperature, top_p, top_k, max_new_tokens"),
-    ("colour=red", "LoopConfig has no field 'colour'; fields: method, model, tokenizer, dtype, mesh, attention_impl"),
+    ("colour=red", "LoopConfig has no field 'colour'; fields: method, model, tokenizer, dtype, param_dtype, mesh, attention_impl"),
     ("dpo.train.lr=1", "TrainConfig has no field 'lr'; fields: learning_rate"),
     ("actor.n=many", "actor.n=many: expected an integer"),
     ("temporal=maybe", "temporal=maybe: expected true or false"),
