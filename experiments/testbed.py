@@ -49,6 +49,7 @@ from metajudge.stages import Stage, fingerprint, read_jsonl, write_json_atomic, 
 from metajudge.train import TrainConfig
 from metajudge.trainer import DPORunConfig, RunConfig, resolve_mesh, train_loop
 from models import create_model, load_tokenizer
+from models.files import write_atomic
 from models.sources import load_model_and_tokenizer
 
 #: name -> (label, loop method, length control, temporal anchoring)
@@ -507,9 +508,8 @@ def plot(agg: dict[str, list[dict]], path: str) -> None:
         ax.set_xticks(sorted({c["iteration"] for cells in agg.values() for c in cells}))
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=80)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=80), binary=True)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 # ---------------------------------------------------------------------------------- the run

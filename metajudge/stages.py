@@ -31,12 +31,15 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from typing import IO, Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
 from models import distributed
+from models.files import write_atomic
 
 T = TypeVar("T")
 Record = dict[str, Any]
@@ -46,6 +49,51 @@ class StageMismatch(ValueError):
     """A stage directory holds results made with other inputs or settings."""
 
 
+class Restart:
+    """What a stage does when its stored settings differ from the current ones.
+
+    ``changed=False`` (default): stop with :class:`StageMismatch`, naming the differing keys.
+    ``changed=True`` (the loop's ``--restart-changed``): delete that stage's directory and run it
+    from scratch; every stage checked after it in the same run is then restarted too (``cascade``),
+    since later stages are built on its results. One object is shared by the stages of a run.
+    """
+
+    def __init__(self, changed: bool = False):
+        self.changed = changed
+        self.cascade = False
+        self.restarted: list[str] = []  # names of the stages restarted, in order
+        self.fresh: set[str] = set()  # directories restarted in this run (never wiped twice)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1] if prefix else "": obj}
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = json.dumps(v, default=str) if not isinstance(v, str) else v
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_differences(stored: Any, now: Any) -> str:
+    """``key: <stored> (stored) vs <now> (now)`` for each differing dotted key, ``; ``-separated."""
+    a, b = flatten(json.loads(json.dumps(stored, default=str))), flatten(json.loads(json.dumps(now, default=str)))
+    missing = object()
+    parts = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k, missing), b.get(k, missing)
+        if x != y:
+            fx = "(absent)" if x is missing else f"{_short(x)} (stored)"
+            fy = "(absent)" if y is missing else f"{_short(y)} (now)"
+            parts.append(f"{k or '<value>'}: {fx} vs {fy}")
+    return "; ".join(parts)
+
+
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-serialisable object (keys sorted)."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
@@ -53,20 +101,14 @@ def fingerprint(obj: Any) -> str:
 
 
 def _write_atomic(path: str, write: Callable[[IO[str]], Any], writer: Optional[bool]) -> None:
-    """Every atomic write of the project: ``write(f)`` into ``<path>.tmp.<pid>`` (a name no other
-    process uses), flushed and fsynced, then renamed over ``path`` with ``os.replace``, so a reader
-    sees the old file or the new one, never a part. ``writer`` (default: process 0 of the run) says
-    whether this process writes; the others return at once, so run outputs have a single writer on
-    multi-process runs."""
+    """Every atomic write of the project (``models.files.write_atomic``): ``write(f)`` into
+    ``<path>.tmp.<pid>.<random>`` (a name no other process uses), flushed and fsynced, renamed over
+    ``path`` with ``os.replace``, then the directory fsynced, so a reader sees the old file or the
+    new one, never a part. ``writer`` (default: process 0 of the run) says whether this process
+    writes; the others return at once, so run outputs have a single writer on multi-process runs."""
     if not (distributed.is_primary() if writer is None else writer):
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, write)
 
 
 def write_text_atomic(path: str, text: str, *, writer: Optional[bool] = None) -> None:
@@ -101,10 +143,14 @@ class Stage:
     ``writer`` (default: process 0 of the run) says whether this process writes the stage's files.
     """
 
-    def __init__(self, directory: str, name: str, *, fingerprint_of: Any = None, writer: Optional[bool] = None):
+    def __init__(self, directory: str, name: str, *, fingerprint_of: Any = None, writer: Optional[bool] = None,
+                 restart: Optional[Restart] = None):
         self.dir = directory
         self.name = name
+        self.settings = json.loads(json.dumps(fingerprint_of, default=str))  # stored to name what changed
         self.fingerprint = fingerprint(fingerprint_of)
+        self.restart = restart
+        self._checked = False
         self.writer = distributed.is_primary() if writer is None else writer  # on multi-process runs only process 0 writes
         self.manifest_path = os.path.join(directory, "manifest.json")
 
@@ -118,16 +164,78 @@ class Stage:
         """The manifest as process 0 sees it, on every process."""
         return distributed.broadcast_json(self._read_manifest() if distributed.is_primary() else None)
 
+    def _difference(self, manifest_or_meta: dict) -> Optional[str]:
+        """None when the stored fingerprint is the current one, else what differs (by key)."""
+        if manifest_or_meta.get("fingerprint") == self.fingerprint:
+            return None
+        stored = manifest_or_meta.get("settings")
+        if stored is not None:
+            return describe_differences(stored, self.settings) or "the stored settings differ"
+        return f"fingerprint {manifest_or_meta.get('fingerprint')} != {self.fingerprint}"
+
     def _check(self, manifest_or_meta: dict) -> None:
-        if manifest_or_meta.get("fingerprint") != self.fingerprint:
+        what = self._difference(manifest_or_meta)
+        if what is not None:
             raise StageMismatch(
-                f"{self.dir}: stage '{self.name}' was produced with other inputs or settings "
-                f"(fingerprint {manifest_or_meta.get('fingerprint')} != {self.fingerprint}); "
-                "resume with the same config, or use a new --out directory"
+                f"{self.dir}: stage '{self.name}' was produced with other inputs or settings ({what}); resume "
+                "with the same config, rerun with --restart-changed to redo this stage and the ones after it, "
+                "or use a new --out directory"
             )
+
+    def check(self) -> Optional[dict]:
+        """Compares the stored settings (``manifest.json``, else ``stage.json``) with the current ones
+        and returns the manifest (None while unfinished). A difference is a :class:`StageMismatch`
+        naming the differing keys, or, under ``Restart(changed=True)``, the stage directory is
+        deleted and the stage starts over. Once a stage has restarted, the stages checked after it
+        in the same run restart too. Writes ``stage.json`` for a stage that has not started."""
+        first, self._checked = not self._checked, True
+        r = self.restart
+        if first and r is not None and r.cascade and self.dir not in r.fresh and self._exists():
+            self._wipe("a stage before it restarted")
+        m = self._manifest()
+        seen = m if m is not None else distributed.broadcast_json(self._read_meta() if distributed.is_primary() else None)
+        if seen is not None:
+            what = self._difference(seen)
+            if what is not None and r is not None and r.changed:
+                self._wipe(what)
+                m = seen = None
+            elif what is not None:
+                self._check(seen)
+        if seen is None:
+            if r is not None:
+                r.fresh.add(self.dir)
+            if self.writer:
+                os.makedirs(self.dir, exist_ok=True)
+            write_json_atomic(os.path.join(self.dir, "stage.json"),
+                              {"stage": self.name, "fingerprint": self.fingerprint, "settings": self.settings},
+                              writer=self.writer)
+            distributed.barrier(f"stage {self.dir} started")
+        return m
+
+    def _exists(self) -> bool:
+        return bool(distributed.broadcast_json(os.path.isdir(self.dir) if distributed.is_primary() else None))
+
+    def _read_meta(self) -> Optional[dict]:
+        path = os.path.join(self.dir, "stage.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def _wipe(self, why: str) -> None:
+        print(f"{self.dir}: restarting stage '{self.name}' from scratch ({why})", file=sys.stderr)
+        if self.writer:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        distributed.barrier(f"stage {self.dir} wiped")
+        assert self.restart is not None
+        self.restart.cascade = True
+        self.restart.fresh.add(self.dir)
+        self.restart.restarted.append(self.name)
 
     @property
     def done(self) -> bool:
+        if self.restart is not None and not self._checked:
+            return self.check() is not None
         m = self._manifest()
         if m is None:
             return False
@@ -161,17 +269,10 @@ class Stage:
         progress: bool = True,
     ) -> list[Record]:
         """Runs ``fn(shard_index, shard_items) -> records`` over missing shards; returns all records."""
-        if self.done:
+        if self.check() is not None:
             return self.records()
-        if self.writer:
-            os.makedirs(self.dir, exist_ok=True)
         n_shards = max(1, math.ceil(len(items) / shard_size)) if items else 0
-        meta, todo = self._missing_shards(n_shards)
-        if meta is not None:
-            self._check(meta)
-        else:
-            write_json_atomic(os.path.join(self.dir, "stage.json"), {"stage": self.name, "fingerprint": self.fingerprint},
-                              writer=self.writer)
+        _, todo = self._missing_shards(n_shards)
         t0 = time.time()
         progress = progress and distributed.is_primary()
         bar = tqdm(total=len(items), desc=desc or self.name, unit="item", disable=not progress, dynamic_ncols=True)
@@ -186,7 +287,7 @@ class Stage:
             bar.update(len(chunk))
         bar.close()
         write_json_atomic(self.manifest_path, {
-            "stage": self.name, "fingerprint": self.fingerprint, "n_items": len(items),
+            "stage": self.name, "fingerprint": self.fingerprint, "settings": self.settings, "n_items": len(items),
             "n_shards": n_shards, "shard_size": shard_size, "seconds": round(time.time() - t0, 2),
         }, writer=self.writer)
         distributed.barrier(f"stage {self.dir} written")
@@ -212,9 +313,13 @@ class Stage:
         if self.writer:
             os.makedirs(self.dir, exist_ok=True)
         write_json_atomic(self.manifest_path, {
-            "stage": self.name, "fingerprint": self.fingerprint, "n_shards": 0, **(summary or {}),
+            "stage": self.name, "fingerprint": self.fingerprint, "settings": self.settings, "n_shards": 0,
+            **(summary or {}),
         }, writer=self.writer)
         distributed.barrier(f"stage {self.dir} finished")
 
     def summary(self) -> dict:
-        return self._manifest() or {}
+        """The manifest without the stored settings: the stage's summary numbers."""
+        m = dict(self._manifest() or {})
+        m.pop("settings", None)
+        return m

@@ -53,11 +53,11 @@ import hashlib
 import os
 import random
 import re
-import shutil
 from typing import Any, Iterable, Optional, Sequence
 
 from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt, parse_score
 from metajudge.stages import write_json_atomic
+from models.files import replace_dir, temp_name
 from models.llama import LlamaConfig
 
 LIST_LEN = 5
@@ -596,16 +596,14 @@ def build_tokenizer(directory: str, corpus: Iterable[str], *, vocab_size: int = 
 
     tok.train_from_iterator(texts(), trainer=trainer)
     tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in pieces])
-    tmp = directory.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(directory)
     os.makedirs(tmp)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     write_json_atomic(os.path.join(tmp, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end|>", "pad_token": "<|pad|>", "bos_token": None,
         "unk_token": None, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
         "chat_template": CHAT_TEMPLATE}, writer=True)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    replace_dir(tmp, directory)
 
 
 def _split_on(text: str, pieces: Sequence[str]) -> list[str]:

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from models.files import write_atomic
+
 
 class LoadError(ValueError):
     """A checkpoint or tokenizer could not be loaded; the message names the file and the fix."""
@@ -79,11 +81,14 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+
+    def write(f: Any) -> None:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors.values():
             f.write(np.ascontiguousarray(t).tobytes())
+
+    write_atomic(path, write, binary=True)
 
 
 def open_safetensors_dir(directory: str) -> dict[str, Callable[[], np.ndarray]]:

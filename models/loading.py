@@ -28,6 +28,7 @@ from flax import nnx
 from attention_kernels import dispatch
 from models.checkpoint_formats import GGUFCheckpoint, LoadError, open_safetensors_dir, write_safetensors
 from models.distributed import barrier, is_primary, to_host
+from models.files import recover_dir, replace_dir, temp_name, write_atomic
 from models.llama import Llama, LlamaConfig, RopeScaling
 from models.sharding import ShardingContext
 
@@ -56,6 +57,8 @@ def resolve_source(source: str) -> tuple[str, str]:
     """Returns ``(kind, path)`` with kind ``"gguf"`` or ``"hf_dir"``; fetches hub ids."""
     if source == EMBEDDED_NAME:
         return "gguf", embedded_gguf_path()
+    if not os.path.exists(source) and os.path.isdir(source.rstrip("/") + ".bak") and is_primary():
+        recover_dir(source)  # a crash inside save_hf's directory swap left only the backup
     if os.path.isdir(source):
         return "hf_dir", source
     if os.path.isfile(source):
@@ -344,8 +347,12 @@ def save_hf(config: LlamaConfig, model: Llama, directory: str, *, max_shard_byte
 
 
 def _write_hf(config: LlamaConfig, tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int) -> None:
-    tmp = directory.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
+    """Writes the directory under a temporary name (every file fsynced), then swaps it in with
+    ``models.files.replace_dir``: the old model stays readable (as ``<directory>.bak`` for an
+    instant) until the new one is complete."""
+    directory = directory.rstrip("/")
+    tmp = temp_name(directory)
+    os.makedirs(tmp)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -360,15 +367,10 @@ def _write_hf(config: LlamaConfig, tensors: dict[str, np.ndarray], directory: st
         write_safetensors(os.path.join(tmp, fname), shard)
         weight_map.update({n: fname for n in shard})
     if len(shards) > 1:
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config_to_hf(config), f, indent=1)
-    if os.path.exists(directory):
-        import shutil
-
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+        write_atomic(os.path.join(tmp, "model.safetensors.index.json"),
+                     lambda f: json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1))
+    write_atomic(os.path.join(tmp, "config.json"), lambda f: json.dump(config_to_hf(config), f, indent=1))
+    replace_dir(tmp, directory)
 
 
 def _np_dtype(name: str) -> Any:
