@@ -17,6 +17,7 @@ group of settings given a value, a value of the wrong type and a name the config
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 import traceback
@@ -24,16 +25,28 @@ import types
 import typing
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
+from metajudge.checkpoint import CheckpointError
 from metajudge.data import DataError
+from metajudge.prompt_sources import PromptFileError
+from metajudge.stages import StageMismatch
 from metajudge.train import TrainingDiverged
 from metajudge.trainer import UsageError  # raised by the training run too, so it lives there
 from models.checkpoint_formats import LoadError
 from models.distributed import DistributedSetupError, initialize, is_initialized, shutdown
+from models.files import DirectoryLocked
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UsageError, LoadError, DataError, TrainingDiverged, DistributedSetupError, FileNotFoundError, IsADirectoryError,
-    NotADirectoryError, PermissionError,
+    NotADirectoryError, PermissionError, PromptFileError, StageMismatch, CheckpointError, DirectoryLocked,
 )
+# File-system conditions a user fixes (a read-only or full disk, a quota, a name clash): any OSError
+# with one of these errno values is a user error too.
+USER_ERRNOS = frozenset(getattr(errno, n) for n in ("EROFS", "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EEXIST",
+                                                    "ENOTEMPTY", "ENAMETOOLONG", "ELOOP") if hasattr(errno, n))
+
+
+def is_user_error(e: BaseException) -> bool:
+    return isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
 
 
 def error_message(e: BaseException) -> str:
@@ -56,7 +69,12 @@ def run_main(fn: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> No
     try:
         initialize()
         rc = fn() if argv is None else fn(argv)
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not is_user_error(e):
+            if not is_initialized():
+                raise
+            traceback.print_exc()
+            _exit(1)
         print(f"error: {error_message(e)}", file=sys.stderr)
         if getattr(e, "every_process", False):  # all processes failed together: leave together
             sys.stderr.flush()
@@ -65,11 +83,6 @@ def run_main(fn: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         _exit(130)
-    except Exception:
-        if not is_initialized():
-            raise
-        traceback.print_exc()
-        _exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

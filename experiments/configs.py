@@ -20,6 +20,7 @@ usage error saying what it follows. :func:`resolve` fills them in; :func:`resolv
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Literal, Mapping, Optional
 
@@ -28,6 +29,7 @@ from metajudge import meta_judge as mj
 from metajudge.roles import Sampling
 from metajudge.train import TrainConfig
 from metajudge.trainer import DPORunConfig
+from models.sharding import data_parallel_size
 from models.sources import TINY_MODEL
 
 AttentionImpl = Literal["xla", "pallas", "auto"]
@@ -211,6 +213,100 @@ def resolved_dict(cfg: LoopConfig) -> dict:
     """The run's ``config.json``: every setting of ``resolve(cfg)``, then the ``derived`` section."""
     cfg = resolve(cfg)
     return {**config_dict(cfg), "derived": derived(cfg)}
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _sampling_problems(name: str, s: Sampling) -> list[str]:
+    out = []
+    if not (isinstance(s.n, int) and s.n >= 1):
+        out.append(f"{name}.n={s.n!r}: must be an integer >= 1")
+    if not (_finite(s.temperature) and s.temperature >= 0):
+        out.append(f"{name}.temperature={s.temperature!r}: must be a finite number >= 0")
+    if not (_finite(s.top_p) and 0 < s.top_p <= 1):
+        out.append(f"{name}.top_p={s.top_p!r}: must lie in (0, 1]")
+    if not (isinstance(s.top_k, int) and s.top_k >= 0):
+        out.append(f"{name}.top_k={s.top_k!r}: must be an integer >= 0")
+    if not (isinstance(s.max_new_tokens, int) and s.max_new_tokens >= 1):
+        out.append(f"{name}.max_new_tokens={s.max_new_tokens!r}: must be an integer >= 1")
+    return out
+
+
+def _dpo_problems(group: str, run: DPORunConfig, dp: int) -> list[str]:
+    out = []
+    for key in ("batch_size", "max_len", "num_epochs", "save_every", "keep", "ref_batch_size"):
+        v = getattr(run, key)
+        if not (isinstance(v, int) and v >= 1):
+            out.append(f"{group}.{key}={v!r}: must be an integer >= 1")
+    if isinstance(run.max_len, int) and run.max_len < 2:
+        out.append(f"{group}.max_len={run.max_len}: must be >= 2 (a prompt token and a response token)")
+    mpl = run.max_prompt_len
+    if mpl is not None and not (isinstance(mpl, int) and 1 <= mpl < max(run.max_len, 2)):
+        out.append(f"{group}.max_prompt_len={mpl!r}: must be an integer in [1, max_len)")
+    if run.stop_after < 0:
+        out.append(f"{group}.stop_after={run.stop_after}: must be >= 0")
+    tr = run.train
+    if not (_finite(tr.learning_rate) and tr.learning_rate > 0):
+        out.append(f"{group}.train.learning_rate={tr.learning_rate!r}: must be a finite number > 0")
+    if not (_finite(tr.beta) and tr.beta > 0):
+        out.append(f"{group}.train.beta={tr.beta!r}: must be a finite number > 0")
+    for key in ("min_lr_ratio", "weight_decay", "grad_clip_norm", "eps", "label_smoothing"):
+        v = getattr(tr, key)
+        if not (_finite(v) and v >= 0):
+            out.append(f"{group}.train.{key}={v!r}: must be a finite number >= 0")
+    for key in ("b1", "b2"):
+        v = getattr(tr, key)
+        if not (_finite(v) and 0 <= v < 1):
+            out.append(f"{group}.train.{key}={v!r}: must lie in [0, 1)")
+    unit = dp * tr.grad_accum_steps
+    if isinstance(run.batch_size, int) and run.batch_size >= 1 and run.batch_size % unit:
+        out.append(f"{group}.batch_size={run.batch_size}: must be a multiple of data*fsdp={dp} times "
+                   f"{group}.train.grad_accum_steps={tr.grad_accum_steps}")
+    return out
+
+
+def problems(cfg: LoopConfig, mesh: Any = None) -> list[str]:
+    """Every setting of ``cfg`` (resolved or not) that cannot work, one message each; ``mesh`` (the
+    run's device mesh) adds the divisibility of the DPO batch by its data-parallel size."""
+    out: list[str] = []
+    if not (isinstance(cfg.iterations, int) and cfg.iterations >= 1):
+        out.append(f"iterations={cfg.iterations!r}: must be an integer >= 1")
+    for key in ("prompts_per_iteration", "prompts_per_shard", "gen_batch_size", "judgment_max_chars"):
+        v = getattr(cfg, key)
+        if not (isinstance(v, int) and v >= 1):
+            out.append(f"{key}={v!r}: must be an integer >= 1")
+    if not (_finite(cfg.heldout_fraction) and 0 <= cfg.heldout_fraction < 1):
+        out.append(f"heldout_fraction={cfg.heldout_fraction!r}: must lie in [0, 1)")
+    bad_rho = [r for r in cfg.rho if not (_finite(r) and 0 <= r <= 0.5)]
+    if bad_rho:
+        out.append(f"rho={','.join(map(str, cfg.rho))}: every value must lie in [0, 0.5] (got {bad_rho[0]})")
+    if any(not (isinstance(t, int) and t >= 1) for t in cfg.judge_pair_iterations):
+        out.append(f"judge_pair_iterations={cfg.judge_pair_iterations}: iterations are numbered from 1")
+    for name in ("actor", "judge", "meta_judge"):
+        out += _sampling_problems(name, getattr(cfg, name))
+    if cfg.readout not in ("parse", "expected"):
+        out.append(f"readout={cfg.readout!r}: must be parse or expected")
+    if cfg.battle_rule not in typing.get_args(mj.BattleRule):
+        out.append(f"battle_rule={cfg.battle_rule!r}: must be one of {', '.join(typing.get_args(mj.BattleRule))}")
+    if cfg.attention_impl not in typing.get_args(AttentionImpl):
+        out.append(f"attention_impl={cfg.attention_impl!r}: must be one of {', '.join(typing.get_args(AttentionImpl))}")
+    dp = data_parallel_size(mesh)
+    out += _dpo_problems("dpo", cfg.dpo, dp)
+    if cfg.future_dpo is not None:
+        out += _dpo_problems("future_dpo", cfg.future_dpo, dp)
+    return out
+
+
+def validate(cfg: LoopConfig, mesh: Any = None) -> None:
+    """Raises one :class:`UsageError` listing every problem of :func:`problems`, before any work."""
+    found = problems(cfg, mesh)
+    if found:
+        raise UsageError("bad settings: " + "; ".join(found))
 
 
 # -------------------------------------------------------------------------- evaluation's view

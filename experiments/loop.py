@@ -11,6 +11,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -21,17 +22,19 @@ from typing import Any, Optional
 import numpy as np
 
 from experiments.cli import config_dict
-from experiments.configs import LoopConfig, resolve, resolved_dict
+from experiments.configs import LoopConfig, resolve, resolved_dict, validate
 from experiments.evaluate import evaluate_iteration
 from metajudge import meta_judge as mj
 from metajudge.metric_log import WANDB_INSTALL, MetricLog, start_wandb, wandb_available
 from metajudge.pair_assembly import anchored_pairs, build_pairs, future_guided_pairs, meta_judge_targets
 from metajudge.prompt_sources import iteration_prompts, load_prompt_file, load_seed_prompts, split_prompts
 from metajudge.report import iteration_metrics, write_report
+from metajudge.prompts import judge_prompt, meta_judge_prompt
 from metajudge.roles import act, judge, meta_judge, shard_rng
-from metajudge.stages import Stage, read_jsonl, write_json_atomic, write_jsonl_atomic
+from metajudge.stages import Restart, Stage, describe_differences, read_jsonl, write_json_atomic, write_jsonl_atomic
 from metajudge.trainer import DPORunConfig, UsageError, resolve_mesh, run_dpo
 from models import distributed
+from models.files import DirLock
 from models.loading import save_hf
 from models.scoring import score
 from models.sharding import data_parallel_size
@@ -57,13 +60,51 @@ def _model_source(cfg: LoopConfig, out: str, t: int) -> str:
 # ------------------------------------------------------------------------------------- stages
 
 
-def _prompts(cfg: LoopConfig, out: str) -> tuple[list[dict], list[dict]]:
-    pool = load_prompt_file(cfg.prompts) if cfg.prompts else load_seed_prompts()
+def _prompts(cfg: LoopConfig, out: str, pool: list[dict]) -> tuple[list[dict], list[dict]]:
     train, heldout = split_prompts(pool, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
     path = os.path.join(out, "heldout_prompts.jsonl")
     if not os.path.exists(path):
         write_jsonl_atomic(path, heldout)
     return train, heldout
+
+
+_RESTART = Restart()  # the running loop's restart policy (run_loop sets it)
+
+
+def _stage(directory: str, name: str, *, fingerprint_of: Any) -> Stage:
+    """A stage of the running loop, under its restart policy (``--restart-changed``)."""
+    return Stage(directory, name, fingerprint_of=fingerprint_of, restart=_RESTART)
+
+
+def context_budget(cfg: LoopConfig, tok: Any, prompt: str) -> int:
+    """Tokens the longest model input built on ``prompt`` needs: the meta-judge's (prompt, response,
+    two judgments, its answer) for meta_reward, else the judge's; generated parts are counted at
+    their ``max_new_tokens``, plus a margin of 16 for the forced ``Score:``/``Winner:`` readouts."""
+    if cfg.method == "meta_reward":
+        text = meta_judge_prompt(prompt, "", "", "")
+        extra = cfg.actor.max_new_tokens + 2 * cfg.judge.max_new_tokens + cfg.meta_judge.max_new_tokens
+    else:
+        text = judge_prompt(prompt, "")
+        extra = cfg.actor.max_new_tokens + cfg.judge.max_new_tokens
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return len(ids["input_ids"] if isinstance(ids, dict) else ids) + extra + 16
+
+
+def fit_context(cfg: LoopConfig, prompts: list[dict], tok: Any, config: Any, t: int) -> list[dict]:
+    """``prompts`` without those whose longest model input would not fit the model's context
+    (:func:`context_budget`); the skipped ones are counted and named by id on stderr."""
+    limit = config.max_position_embeddings
+    keep, skipped = [], []
+    for p in prompts:
+        (keep if context_budget(cfg, tok, p["prompt"]) <= limit else skipped).append(p)
+    if skipped:
+        ids = ", ".join(str(p["id"]) for p in skipped[:20]) + (" ..." if len(skipped) > 20 else "")
+        print(f"iter {t}: skipped {len(skipped)} of {len(prompts)} prompt(s) too long for the model's context of "
+              f"{limit} tokens with the generation lengths set (ids: {ids})", file=sys.stderr)
+    if not keep:
+        raise UsageError(f"iter {t}: every prompt is too long for the model's context of {limit} tokens "
+                         "(lower actor/judge/meta_judge.max_new_tokens or use shorter prompts)")
+    return keep
 
 
 class _Lazy:
@@ -89,7 +130,7 @@ _STREAMS = {"generate": 1, "judge": 2, "meta_judge": 3, "initial/generate": 4, "
 
 def _generate_stage(cfg, it_dir, t, prompts, model, tok, base_fp, name="generate"):
     """``cfg.actor.n`` responses per prompt from ``model``, in ``<it_dir>/<name>/``."""
-    stage = Stage(os.path.join(it_dir, name), name,
+    stage = _stage(os.path.join(it_dir, name), name,
                   fingerprint_of={**base_fp, "actor": dataclasses.asdict(cfg.actor), "ids": [p["id"] for p in prompts]})
 
     def shard(i, chunk):
@@ -103,7 +144,7 @@ def _generate_stage(cfg, it_dir, t, prompts, model, tok, base_fp, name="generate
 def _judge_stage(cfg, it_dir, t, generated, model, tok, base_fp, name="judge"):
     """``cfg.judge.n`` judgments of every generated response by ``model`` (the current M_t)."""
     items = [(g["id"], g["prompt"], k, r) for g in generated for k, r in enumerate(g["responses"])]
-    stage = Stage(os.path.join(it_dir, name), name,
+    stage = _stage(os.path.join(it_dir, name), name,
                   fingerprint_of={**base_fp, "judge": dataclasses.asdict(cfg.judge), "readout": cfg.readout,
                                   "n": len(items)})
 
@@ -118,7 +159,7 @@ def _judge_stage(cfg, it_dir, t, generated, model, tok, base_fp, name="judge"):
 
 def _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp):
     targets = meta_judge_targets(generated, judged)
-    stage = Stage(os.path.join(it_dir, "meta_judge"), "meta_judge",
+    stage = _stage(os.path.join(it_dir, "meta_judge"), "meta_judge",
                   fingerprint_of={**base_fp, "meta_judge": dataclasses.asdict(cfg.meta_judge),
                                   "readout": cfg.readout, "targets": [x["id"] for x in targets]})
 
@@ -183,7 +224,7 @@ def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model
         del m0
         initial_judged = _judge_stage(cfg, it_dir, t, initial_gen, model, tok, base_fp, name="initial/judge")
     fut_dir = os.path.join(it_dir, "future")
-    d1_stage = Stage(os.path.join(fut_dir, "anchored"), "future/anchored", fingerprint_of=base_fp)
+    d1_stage = _stage(os.path.join(fut_dir, "anchored"), "future/anchored", fingerprint_of=base_fp)
     d1_path = os.path.join(d1_stage.dir, "pairs.jsonl")
     if not d1_stage.done:
         d1 = anchored_pairs(generated, judged, initial_gen, initial_judged)
@@ -199,10 +240,12 @@ def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model
         print(f"iter {t}: too few anchored pairs to train a future model; the chosen stay M_t's", file=sys.stderr)
         return future_guided_pairs(d1, [], [])
     fut_fp = {**base_fp, "future_dpo": config_dict(fut_cfg)}
+    # Checkpoints of M_f made with other settings stop the run (or are deleted, --restart-changed).
+    _stage(os.path.join(fut_dir, "dpo"), "future/dpo", fingerprint_of=fut_fp).check()
     # M_f is trained (or restored from its checkpoint after a kill) only if it still has to sample.
     future = _Lazy(lambda: run_dpo(model, config, tok, d1_path, os.path.join(fut_dir, "dpo"),
                                    dataclasses.replace(fut_cfg, export=False), resume=True, mesh=mesh,
-                                   wandb_run=wandb_run, log_prefix=f"iter_{t}/future_dpo"))
+                                   wandb_run=wandb_run, log_prefix=f"iter_{t}/future_dpo", key_prefix="future_dpo."))
     future_gen = _generate_stage(cfg, it_dir, t, future_prompts, future, tok, fut_fp, name="future/generate")
     del future
     if distributed.is_primary():  # M_f is discarded (its samples are all that is kept)
@@ -211,18 +254,57 @@ def _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model
     return future_guided_pairs(d1, future_gen, future_judged)
 
 
-def run_loop(cfg: LoopConfig, out: str) -> dict:
+def run_loop(cfg: LoopConfig, out: str, *, restart_changed: bool = False) -> dict:
     """Runs (or resumes) every iteration; returns the metrics of all iterations. ``cfg`` is resolved
-    first (``experiments.configs.resolve``: the DPO settings the loop derives are filled in)."""
+    first (``experiments.configs.resolve``: the DPO settings the loop derives are filled in) and
+    checked (``experiments.configs.validate``) before anything is loaded or written.
+
+    Process 0 holds the lock of ``out`` (``models.files.DirLock``) for the whole run: a second
+    run on the same directory stops at once, naming the holder. A stage whose stored settings
+    differ from the current ones stops the run naming the keys, or, with ``restart_changed``,
+    is run again from scratch with every stage after it (``metajudge.stages.Restart``).
+    ``config.json`` is written once the settings are valid and the lock is held; when it holds
+    other settings it is replaced only once this run has finished."""
+    global _RESTART
     cfg = resolve(cfg)
     if cfg.log.wandb and not wandb_available():
         raise UsageError(f"log.wandb=true needs the wandb package: {WANDB_INSTALL}")
+    mesh = resolve_mesh(cfg.mesh)
+    validate(cfg, mesh)
     resolved = resolved_dict(cfg)
     distributed.check_same([resolved, out], "the loop settings and --out")
-    os.makedirs(out, exist_ok=True)
-    write_json_atomic(os.path.join(out, "config.json"), resolved)
-    mesh = resolve_mesh(cfg.mesh)
-    train_prompts, _ = _prompts(cfg, out)
+    pool = load_prompt_file(cfg.prompts) if cfg.prompts else load_seed_prompts()
+    lock = DirLock(out)
+    if distributed.is_primary():
+        os.makedirs(out, exist_ok=True)
+        lock.acquire()
+    try:
+        _RESTART = Restart(changed=restart_changed)
+        config_path = os.path.join(out, "config.json")
+        stored = _read_json(config_path) if distributed.is_primary() else None
+        if stored is None:
+            write_json_atomic(config_path, resolved)
+        elif stored != json.loads(json.dumps(resolved, default=str)):
+            print(f"{config_path}: the run was made with other settings ("
+                  f"{describe_differences(stored, resolved)}); it is replaced when this run finishes", file=sys.stderr)
+        result = _run_loop(cfg, out, mesh, pool, resolved)
+        if stored is not None:
+            write_json_atomic(config_path, resolved)
+        return result
+    finally:
+        _RESTART = Restart()
+        lock.release()
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _run_loop(cfg: LoopConfig, out: str, mesh: Any, pool: list[dict], resolved: dict) -> dict:
+    train_prompts, _ = _prompts(cfg, out, pool)
     wandb_run = (start_wandb(out, project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
                              name=os.path.basename(os.path.normpath(out)), config=resolved) if cfg.log.wandb else None)
     # Every iteration's metrics are logged again on a resumed run, so older events are hidden (purge).
@@ -242,15 +324,17 @@ def _iterations(cfg: LoopConfig, out: str, mesh: Any, train_prompts: list[dict],
         source = _model_source(cfg, out, t)
         t0 = time.time()
         config, model, tok = _load(cfg, source, mesh)
-        base_fp = {"model": source, "seed": cfg.seed, "iteration": t}
-        prompts = iteration_prompts(train_prompts, t, cfg.prompts_per_iteration, seed=cfg.seed)
+        # The model's name, not its path: a run directory that is moved or copied still resumes.
+        base_fp = {"model": cfg.model if t == 1 else f"iter_{t - 1}/dpo/model", "seed": cfg.seed, "iteration": t}
+        prompts = fit_context(cfg, iteration_prompts(train_prompts, t, cfg.prompts_per_iteration, seed=cfg.seed),
+                              tok, config, t)
         generated = _generate_stage(cfg, it_dir, t, prompts, model, tok, base_fp)
         judged = _judge_stage(cfg, it_dir, t, generated, model, tok, base_fp)
         metajudged = None
         if cfg.method == "meta_reward" and t in cfg.judge_pair_iterations:
             metajudged = _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp)
         pairs_fp = {**base_fp, "temporal": cfg.temporal, "battle_rule": cfg.battle_rule}
-        pairs_stage = Stage(os.path.join(it_dir, "pairs"), "pairs", fingerprint_of=pairs_fp)
+        pairs_stage = _stage(os.path.join(it_dir, "pairs"), "pairs", fingerprint_of=pairs_fp)
         pairs_path = os.path.join(pairs_stage.dir, "pairs.jsonl")
         if not pairs_stage.done:
             actor = None
@@ -264,7 +348,7 @@ def _iterations(cfg: LoopConfig, out: str, mesh: Any, train_prompts: list[dict],
             pairs_stage.finish(pair_stats)
         pair_stats = pairs_stage.summary()
         dpo_dir = os.path.join(it_dir, "dpo")
-        dpo_stage = Stage(dpo_dir, "dpo", fingerprint_of={**base_fp, "dpo": config_dict(cfg.dpo)})
+        dpo_stage = _stage(dpo_dir, "dpo", fingerprint_of={**base_fp, "dpo": config_dict(cfg.dpo)})
         new_model = None  # M_{t+1} when this call trains it; else the evaluation loads it if needed
         if not dpo_stage.done:
             n_pairs = pair_stats.get("actor_pairs", 0) + pair_stats.get("judge_pairs", 0)
@@ -276,7 +360,7 @@ def _iterations(cfg: LoopConfig, out: str, mesh: Any, train_prompts: list[dict],
                 new_model = model
             else:
                 new_model = run_dpo(model, config, tok, pairs_path, dpo_dir, dpo_cfg, resume=True, mesh=mesh,
-                                    wandb_run=wandb_run, log_prefix=f"iter_{t}/dpo")
+                                    wandb_run=wandb_run, log_prefix=f"iter_{t}/dpo", key_prefix="dpo.")
             dpo_stage.finish({"seconds": round(time.time() - t0, 1)})
         metrics = iteration_metrics(t, generated, judged, metajudged, pair_stats, dpo_dir)
         if cfg.evaluate.enabled:

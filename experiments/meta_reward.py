@@ -25,6 +25,9 @@ def parse_args(prog: str, doc: str, default_preset: str, argv: Optional[Sequence
     ap.add_argument("--out", default=None, help="run directory (default: runs/<method>-<preset>)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting by dotted name, e.g. actor.n=7 or dpo.train.learning_rate=1e-6")
+    ap.add_argument("--restart-changed", action="store_true",
+                    help="redo from scratch every stage whose stored settings differ from the current ones (and the "
+                         "stages after it) instead of stopping with an error that names the differing keys")
     return ap.parse_args(argv)
 
 
@@ -34,7 +37,7 @@ def cli(method: str, argv: Optional[Sequence[str]], doc: str, *, name: Optional[
     args = parse_args(f"python -m experiments.{name}", doc, "smollm2_cpu", argv)
     cfg = apply_overrides(dataclasses.replace(get_preset(args.preset, method), temporal=temporal), args.set)
     out = args.out or os.path.join("runs", f"{name}-{args.preset}")
-    result = run_loop(cfg, out)
+    result = run_loop(cfg, out, restart_changed=args.restart_changed)
     last = result["iterations"][-1] if result["iterations"] else {}
     print(f"\n{name}: {len(result['iterations'])} iteration(s) done; "
           f"last: {last.get('actor_pairs', 0)} actor pairs, {last.get('judge_pairs', 0)} judge pairs", file=sys.stderr)

@@ -44,7 +44,7 @@ def load_preset(run: RunConfig, mesh: Any) -> tuple[Any, Any, Any]:
     return config, model, tok
 
 
-def train_sft(run: RunConfig, resume: bool = False) -> Any:
+def train_sft(run: RunConfig, resume: bool = False, allow_changed_settings: bool = False) -> Any:
     """Reads ``run.data``, loads the preset, trains; returns the final ``TrainState``."""
     if run.preset not in PRESET_NAMES:
         raise UsageError(f"unknown preset {run.preset!r}; known: {', '.join(PRESET_NAMES)}")
@@ -59,7 +59,8 @@ def train_sft(run: RunConfig, resume: bool = False) -> Any:
     examples = build_sft_examples(records, tok, max_len=run.max_len, pack=run.pack, pad_id=pad)
     if not examples:
         raise DataError(f"{run.data}: no example keeps a response token within max_len={run.max_len}")
-    return train_loop("sft", config=config, model=model, examples=examples, run=run, resume=resume, mesh=mesh)
+    return train_loop("sft", config=config, model=model, examples=examples, run=run, resume=resume, mesh=mesh,
+                      allow_changed_settings=allow_changed_settings)
 
 
 def parse_args(prog: str, description: str, argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -67,7 +68,10 @@ def parse_args(prog: str, description: str, argv: Optional[Sequence[str]]) -> ar
     ap.add_argument("--preset", default="smollm2", help=f"model preset: {', '.join(PRESET_NAMES)} (default smollm2)")
     ap.add_argument("--data", required=True, help="training data, JSONL")
     ap.add_argument("--out", required=True, help="output directory (checkpoints, metrics, config, model)")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (with the "
+                    "settings it was written with: a changed setting is an error naming it)")
+    ap.add_argument("--resume-changed", action="store_true",
+                    help="SFT: like --resume, but continue even when training settings changed (e.g. more steps)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field by dotted name, e.g. train.learning_rate=2e-5 (repeatable)")
     return ap.parse_args(argv)
@@ -76,7 +80,7 @@ def parse_args(prog: str, description: str, argv: Optional[Sequence[str]]) -> ar
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args("python -m experiments.sft", "Supervised fine-tuning (the seed model).", argv)
     run = apply_overrides(RunConfig(preset=args.preset, data=args.data, out=args.out), args.set)
-    state = train_sft(run, resume=args.resume)
+    state = train_sft(run, resume=args.resume or args.resume_changed, allow_changed_settings=args.resume_changed)
     print(f"sft: {int(state.step)} steps; outputs in {run.out}", file=sys.stderr)
     return 0
 

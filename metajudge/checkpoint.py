@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import sys
 from typing import Any, Optional
 
 import jax
@@ -37,6 +39,10 @@ from models import distributed
 from models.llama import Llama
 from models.loading import save_hf
 from models.sharding import ShardingContext, state_shardings
+
+
+class CheckpointError(Exception):
+    """No checkpoint of a run directory reads back (a user can delete them and start over)."""
 
 
 @dataclasses.dataclass
@@ -123,6 +129,37 @@ class CheckpointManager:
         o = out["opt"]
         state = TrainState(out["params"], o["opt_state"], o["step"], o["rng"], target.graphdef)
         return Restored(step, state, dict(out["data"] or {}), dict(out["extra"] or {}))
+
+    def restore_latest_good(self, abstract_train_state: TrainState, mesh: Optional[Mesh] = None) -> Restored:
+        """The newest checkpoint that reads back completely. A step that fails to read (a deleted
+        data file, a truncated ``manifest.ocdbt``, missing metadata) is skipped with a warning
+        naming it, and the next older one is tried; with none readable, the error of the newest."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        first_error: Optional[BaseException] = None
+        bad: list[int] = []
+        for step in reversed(steps):
+            try:
+                restored = self.restore(step, abstract_train_state, mesh)
+            except Exception as e:  # orbax/tensorstore raise many kinds; any failure means unreadable
+                first_error = first_error or e
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                print(f"warning: checkpoint {self.directory}/{step} does not read back ({type(e).__name__}: {msg}); "
+                      "skipping it", file=sys.stderr)
+                bad.append(step)
+                continue
+            if bad:  # unreadable and newer than the one resumed from: the steps are trained again
+                if distributed.is_primary():
+                    for b in bad:
+                        shutil.rmtree(os.path.join(self.directory, str(b)), ignore_errors=True)
+                distributed.barrier(f"checkpoints {self.directory} pruned")
+                self._mngr.reload()
+                print(f"warning: resuming from step {step} of {self.directory}; deleted unreadable step(s) "
+                      f"{', '.join(map(str, sorted(bad)))}", file=sys.stderr)
+            return restored
+        raise CheckpointError(f"{self.directory}: no checkpoint reads back (steps {steps}); delete the directory to "
+                         f"start over. Newest error: {type(first_error).__name__}: {first_error}") from None
 
     def restore_params(self, step: Optional[int], abstract_params: Any) -> Any:
         """Only the parameters of checkpoint ``step`` (an ``nnx.State`` shaped like ``abstract_params``)."""

@@ -19,6 +19,7 @@ recomputing them would give a different reference).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from metajudge.checkpoint import CheckpointManager
 from metajudge.data import DataError, build_dpo_examples, make_dataset, read_jsonl
 from metajudge.metric_log import MetricLog
-from metajudge.stages import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from metajudge.stages import describe_differences, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from metajudge.train import (
     TrainConfig, TrainingDiverged, TrainStep, abstract_train_state, batch_rows, compute_reference_logps,
     first_loss_position, init_train_state,
@@ -146,6 +147,28 @@ def _global_batch_stats(kind: str, batch: dict, batch_size: int) -> tuple[int, i
     return int(per_process[:, 0].sum()) // max(copies, 1), zlib.crc32(per_process[:, 1].tobytes())
 
 
+# Settings that may change between a run and its resumption: where things are, how often and how
+# many checkpoints are kept, where it stops, the reference pass's batch, the mesh (checkpoints load
+# onto any mesh).
+RESUME_FREE_KEYS = ("out", "data", "stop_after", "export", "keep", "save_every", "ref_batch_size", "mesh")
+
+
+def check_resumed_settings(out: str, stored: Optional[dict], now: dict, key_prefix: str = "") -> None:
+    """Refuses to continue a checkpoint written with other training settings (it would train a
+    hybrid): a :class:`UsageError` naming each differing key as ``<key_prefix><key>``."""
+    if not stored:
+        return
+    drop = lambda d: {k: v for k, v in d.items() if k not in RESUME_FREE_KEYS}
+    a = json.loads(json.dumps(drop(stored), default=str))
+    b = json.loads(json.dumps(drop(now), default=str))
+    if a == b:
+        return
+    diff = describe_differences({key_prefix.rstrip("."): a} if key_prefix else a,
+                                {key_prefix.rstrip("."): b} if key_prefix else b)
+    raise UsageError(f"{out}: its checkpoints were written with other settings ({diff}); resume with the same "
+                     "settings, delete its checkpoints to start over (the loop: --restart-changed), or use a new --out")
+
+
 def _truncate_metrics(path: str, last_step: int) -> None:
     """Drops lines logged after ``last_step`` (steps re-run after a resume are logged again);
     on process 0 only."""
@@ -158,7 +181,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 def train_loop(
     kind: str, *, config: Any, model: Any, examples: Sequence[dict], run: RunConfig, resume: bool, mesh: Any,
-    wandb_run: Any = None, log_prefix: Optional[str] = None,
+    wandb_run: Any = None, log_prefix: Optional[str] = None, key_prefix: str = "", allow_changed_settings: bool = False,
 ) -> Any:
     """Trains ``model`` on ``examples`` (``"sft"`` or ``"dpo"`` rows); returns the final ``TrainState``.
 
@@ -178,7 +201,6 @@ def train_loop(
     os.makedirs(run.out, exist_ok=True)
     ckpt = CheckpointManager(os.path.join(run.out, "checkpoints"), keep=run.keep)
     latest = ckpt.latest_step()
-    write_json_atomic(os.path.join(run.out, "config.json"), {"kind": kind, "run": dataclasses.asdict(run), "model": dataclasses.asdict(config)})
 
     # Every process reads the same global batches and keeps the rows its devices hold.
     it = make_dataset(
@@ -188,7 +210,9 @@ def train_loop(
     metrics_path = os.path.join(run.out, "metrics.jsonl")
     start = 0
     if resume and latest is not None:
-        restored = ckpt.restore(latest, abstract_train_state(model, train, mesh))
+        restored = ckpt.restore_latest_good(abstract_train_state(model, train, mesh))
+        if not allow_changed_settings:  # else (sft --resume-changed) the user asked for a continuation
+            check_resumed_settings(run.out, restored.extra.get("run"), dataclasses.asdict(run), key_prefix)
         state, start = restored.state, restored.step
         it.set_state(restored.data_state)
         _truncate_metrics(metrics_path, start)
@@ -196,6 +220,8 @@ def train_loop(
     else:
         state = init_train_state(model, train, mesh)
         _truncate_metrics(metrics_path, 0)
+    # Written once the stored settings are known to match: it describes the checkpoints.
+    write_json_atomic(os.path.join(run.out, "config.json"), {"kind": kind, "run": dataclasses.asdict(run), "model": dataclasses.asdict(config)})
     # Every example is known up front, so one compiled step skips the loss-free prompt prefix of all.
     step_fn = TrainStep(kind, train, state, mesh, batch_size=run.batch_size, loss_from=first_loss_position(examples, kind))
     extra = {"kind": kind, "run": dataclasses.asdict(run), "model": dataclasses.asdict(config)}
@@ -215,7 +241,8 @@ def train_loop(
                     mf.write(json.dumps({"step": done, "diverged": True, **e.metrics}) + "\n")
                     last = ckpt.latest_step()
                     where = f"step {last} in {ckpt.directory}" if last is not None else "none yet"
-                    raise TrainingDiverged(f"{e} Last good checkpoint: {where}.", step=e.step, metrics=e.metrics, state=e.state) from None
+                    msg = str(e).replace("--set train.", f"--set {key_prefix}train.")
+                    raise TrainingDiverged(f"{msg} Last good checkpoint: {where}.", step=e.step, metrics=e.metrics, state=e.state) from None
                 dt = time.perf_counter() - t0
                 n_tok, crc = _global_batch_stats(kind, batch, run.batch_size)
                 rec = {"step": done, **m, "tokens": n_tok, "tokens_per_s": n_tok / dt, "step_time_s": dt, "batch_crc": crc}
@@ -247,16 +274,26 @@ def _mesh_of(model: Any) -> Any:
     return shard.mesh if shard is not None else None
 
 
-def reference_pairs(model: Any, tokenizer: Any, pairs_jsonl: str, run: DPORunConfig, mesh: Any, resume: bool) -> list[dict]:
+def reference_pairs(model: Any, tokenizer: Any, pairs_jsonl: str, run: DPORunConfig, mesh: Any, resume: bool,
+                    key_prefix: str = "") -> list[dict]:
     """Tokenized DPO rows with reference log-probs (read back, taken from the pairs, or computed)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     build = lambda recs: build_dpo_examples(recs, tokenizer, max_len=run.max_len, max_prompt_len=run.max_prompt_len, pad_id=pad)
     ref_path = os.path.join(run.out, REF_FILE)
+    check_data_file(pairs_jsonl)
+    ref_settings = {"data_sha256": _sha256(pairs_jsonl), "max_len": run.max_len, "max_prompt_len": run.max_prompt_len,
+                    "dtype": run.dtype}
     # Process 0 decides, so that every process of a multi-process run takes the same branch.
     if resume and broadcast_json(os.path.exists(ref_path) if is_primary() else None):
+        meta_path = ref_path + ".settings.json"
+        stored = broadcast_json(_read_json(meta_path) if is_primary() else None)
+        if stored is not None and stored != ref_settings:
+            diff = describe_differences({key_prefix.rstrip(".") or "run": stored},
+                                        {key_prefix.rstrip(".") or "run": ref_settings})
+            raise UsageError(f"{ref_path}: the reference log-probs were computed for other pairs or settings ({diff}); "
+                             "delete it to recompute them (the loop: --restart-changed), or use a new --out")
         records, _ = read_jsonl(ref_path, kind="dpo", on_error="raise")
         return build(records)
-    check_data_file(pairs_jsonl)
     records, _ = read_jsonl(pairs_jsonl, kind="dpo")
     if not records:
         raise DataError(f"{pairs_jsonl}: no valid DPO pairs")
@@ -268,8 +305,24 @@ def reference_pairs(model: Any, tokenizer: Any, pairs_jsonl: str, run: DPORunCon
         rec["ref_chosen_logp"] = float(row["ref_chosen_logp"])
         rec["ref_rejected_logp"] = float(row["ref_rejected_logp"])
     os.makedirs(run.out, exist_ok=True)
+    write_json_atomic(ref_path + ".settings.json", ref_settings)  # what a resumed run checks (process 0 only)
     write_jsonl_atomic(ref_path, records)  # on process 0 only
     return rows
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def run_dpo(
@@ -284,6 +337,7 @@ def run_dpo(
     mesh: Any = None,
     wandb_run: Any = None,
     log_prefix: str = "dpo",
+    key_prefix: str = "",
 ) -> Any:
     """Trains ``model`` (also the reference) on the pairs; returns the new model (M_{t+1}).
 
@@ -291,6 +345,8 @@ def run_dpo(
     ``DPORunConfig``. The mesh is the model's own when it was created on one, else ``mesh`` or
     ``run.mesh``. With ``resume`` an interrupted run in ``out_dir`` continues where it stopped;
     a finished one just returns its model. ``wandb_run`` / ``log_prefix``: see :func:`train_loop`.
+    ``key_prefix`` (the loop's ``"dpo."``) prefixes the setting names in messages (a changed
+    setting on resume, the divergence advice) so they are the keys the user sets.
     """
     run = train_cfg if isinstance(train_cfg, DPORunConfig) else DPORunConfig(train=train_cfg)
     run = dataclasses.replace(run, data=pairs_jsonl, out=out_dir)
@@ -299,7 +355,7 @@ def run_dpo(
     if mesh is None:
         mesh = resolve_mesh(run.mesh)
     check_out_dir(out_dir, resume)  # before the reference pass rewrites <out>/pairs_ref.jsonl
-    examples = reference_pairs(model, tokenizer, pairs_jsonl, run, mesh, resume)
+    examples = reference_pairs(model, tokenizer, pairs_jsonl, run, mesh, resume, key_prefix)
     state = train_loop("dpo", config=config, model=model, examples=examples, run=run, resume=resume, mesh=mesh,
-                       wandb_run=wandb_run, log_prefix=log_prefix)
+                       wandb_run=wandb_run, log_prefix=log_prefix, key_prefix=key_prefix)
     return state.model

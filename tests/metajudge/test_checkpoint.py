@@ -215,7 +215,7 @@ def test_nan_loss_stops_the_run_with_a_clear_message_and_keeps_the_last_good_che
     straight, _ = runs
     run = straight.parent / "diverged"
     shutil.copytree(straight, run)
-    rc, err = sft_cli(run, "--resume", "--set", "train.total_steps=6", "--set", "train.learning_rate=inf")
+    rc, err = sft_cli(run, "--resume-changed", "--set", "train.total_steps=6", "--set", "train.learning_rate=inf")
     assert rc == 2
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: training diverged at step 5: loss=") and "Lower the learning rate" in last
@@ -226,3 +226,73 @@ def test_nan_loss_stops_the_run_with_a_clear_message_and_keeps_the_last_good_che
         assert np.isfinite(y).all()
         np.testing.assert_array_equal(y, x)
     assert read_metrics(run)[-1]["diverged"] is True
+
+
+# ------------------------------------------------------------- reliability (issue 24): corrupt checkpoints
+
+
+def _corrupt(step_dir, how):
+    """Breaks a committed orbax step the way a lost disk block or a killed copy would."""
+    params = step_dir / "params"
+    if how == "deleted data file":
+        data = sorted(p for p in params.rglob("*") if p.is_file() and p.parent.name == "d")
+        assert data, list(params.rglob("*"))
+        for p in data:
+            p.unlink()
+    else:  # truncated manifest
+        manifests = list(params.rglob("manifest.ocdbt"))
+        assert manifests
+        for m in manifests:
+            m.write_bytes(m.read_bytes()[:7])
+
+
+@pytest.mark.parametrize("how", ["deleted data file", "truncated manifest.ocdbt"])
+def test_restore_falls_back_to_the_newest_checkpoint_that_reads_back(tmp_path, how, capsys):
+    model, cfg, s1 = trained_state(steps=1)
+    _, _, s2 = trained_state(steps=2)
+    want = leaves(s1)
+    with CheckpointManager(str(tmp_path), keep=3) as ckpt:
+        ckpt.save(1, s1, {"next_index": 1})
+        ckpt.save(2, s2, {"next_index": 2})
+    _corrupt(tmp_path / "2", how)
+    with CheckpointManager(str(tmp_path), keep=3) as ckpt:
+        with pytest.raises(Exception):  # the plain restore of the newest step fails ...
+            ckpt.restore(2, abstract_train_state(model, cfg))
+        r = ckpt.restore_latest_good(abstract_train_state(model, cfg))  # ... the fallback does not
+        assert r.step == 1 and r.data_state == {"next_index": 1}
+        for a, b in zip(want, leaves(r.state)):
+            np.testing.assert_array_equal(a, b)
+        assert ckpt.all_steps() == [1]  # the unreadable step is gone: it will be trained again
+    err = capsys.readouterr().err
+    assert f"checkpoint {tmp_path}/2 does not read back" in err and "skipping it" in err
+
+
+def test_resume_past_a_corrupt_newest_checkpoint_equals_the_straight_run(runs, sft_cli):
+    straight, split = runs  # split holds checkpoints 2 and 4
+    run = straight.parent / "corrupt"
+    shutil.copytree(split, run)
+    _corrupt(run / "checkpoints" / "4", "deleted data file")
+    shutil.rmtree(run / "model")
+    rc, err = sft_cli(run, "--resume")
+    assert rc == 0, err
+    assert "checkpoints/4 does not read back" in err and "resumed from" in err
+    a, b = read_metrics(straight), read_metrics(run)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-6)
+    ra, rb = restore_final(straight), restore_final(run)
+    for x, y in zip(leaves(ra.state), leaves(rb.state)):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
+
+
+def test_resume_with_a_changed_setting_is_refused_naming_the_key(runs, sft_cli):
+    _, split = runs
+    run = split.parent / "changed"
+    shutil.copytree(split, run)
+    shutil.rmtree(run / "checkpoints" / "4")  # as if killed after step 2
+    before = (run / "config.json").read_text()
+    rc, err = sft_cli(run, "--resume", "--set", "train.learning_rate=2e-3")
+    assert rc == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "train.learning_rate: 0.001 (stored) vs 0.002 (now)" in last, last
+    assert (run / "config.json").read_text() == before  # the refusing run changed nothing
+    assert CheckpointManager(str(run / "checkpoints")).all_steps() == [2]
