@@ -15,7 +15,9 @@ Backends, by the name the kernels use:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 
@@ -35,14 +37,40 @@ except ImportError:  # pragma: no cover - JAX < 0.5 kept Triton names under pall
 BACKENDS = ("tpu", "gpu")
 
 
-def platform() -> str:
-    """The default device's platform: ``"tpu"``, ``"gpu"`` (CUDA or ROCm) or ``"cpu"``."""
-    p = jax.default_backend()
+_TARGET: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("attention_kernels_target", default=None)
+
+
+def _platform_name(p: str) -> str:
     return "gpu" if p in ("gpu", "cuda", "rocm") else p
 
 
+def platform(mesh: Any = None) -> str:
+    """The platform the kernels are built for: ``"tpu"``, ``"gpu"`` (CUDA or ROCm) or ``"cpu"``.
+
+    That of ``mesh``'s devices when a mesh is given (a mesh over TPU devices described by
+    ``jax.experimental.topologies`` on a CPU host: compiling ahead of time for a TPU), else the one
+    set by an enclosing :func:`compiling_for`, else the default backend's."""
+    devices = getattr(mesh, "devices", None)
+    if devices is not None and getattr(devices, "size", 0):
+        return _platform_name(devices.flat[0].platform)
+    return _TARGET.get() or _platform_name(jax.default_backend())
+
+
+@contextlib.contextmanager
+def compiling_for(platform_name: str) -> Iterator[None]:
+    """Within the block, :func:`platform` is ``platform_name``: the kernels traced there are built
+    (and checked) for that platform whatever the host is. ``dispatch.sharded_attention`` enters it
+    with its mesh's platform, so a program jitted for a TPU mesh gets Mosaic kernels, never the
+    interpreter."""
+    token = _TARGET.set(_platform_name(platform_name))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
 def resolve_backend(backend: Optional[str]) -> str:
-    """The kernel family to build: the explicit choice, else the device's, else ``"tpu"``.
+    """The kernel family to build: the explicit choice, else the target platform's, else ``"tpu"``.
 
     On CPU (interpret mode) the TPU family is the default because it exercises scalar prefetch
     and the grid-carried accumulators; tests run both families.
@@ -56,19 +84,16 @@ def resolve_backend(backend: Optional[str]) -> str:
 
 
 def resolve_interpret(interpret: Optional[bool]) -> bool:
-    """``None`` means interpret exactly when there is no accelerator."""
+    """``None`` means interpret exactly when the target platform has no accelerator."""
     return platform() not in BACKENDS if interpret is None else bool(interpret)
 
 
-_CROSS_LOWERING = [False]
-
-
 def check_runnable(backend: str, interpret: bool) -> None:
-    if interpret or _CROSS_LOWERING[0]:
+    if interpret:
         return
     if platform() != backend:
         raise ValueError(
-            f"the {backend!r} kernels need a {backend.upper()} (default backend is {jax.default_backend()!r}); "
+            f"the {backend!r} kernels need a {backend.upper()} (target platform is {platform()!r}); "
             "pass interpret=True to run them in the Pallas interpreter"
         )
 
@@ -131,8 +156,7 @@ def lower_for(fn, *args, platform_name: str, tpu_kind: str = "TPU v5 lite"):
     ``"cuda"`` on a machine without that device: runs the Pallas Mosaic/Triton lowering rules
     (block shapes, supported ops) but not the device compiler. TPU lowering reads the chip
     generation from an abstract device, ``tpu_kind``."""
-    _CROSS_LOWERING[0] = True
-    try:
+    with compiling_for(platform_name):
         traced = jax.jit(fn).trace(*args)
         if platform_name != "tpu":
             return traced.lower(lowering_platforms=(platform_name,))
@@ -140,8 +164,6 @@ def lower_for(fn, *args, platform_name: str, tpu_kind: str = "TPU v5 lite"):
         mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
         with jax.sharding.use_abstract_mesh(mesh):
             return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))
-    finally:
-        _CROSS_LOWERING[0] = False
 
 
 def shard_map(fn, mesh, in_specs, out_specs, *, interpret: bool):

@@ -35,12 +35,14 @@ Array = jax.Array
 IMPLS = ("auto", "xla", "pallas")
 
 
-def resolve_impl(impl: str) -> str:
-    """``"xla"`` or ``"pallas"``: ``"auto"`` picks Pallas on TPU/GPU and XLA on CPU."""
+def resolve_impl(impl: str, mesh: Any = None) -> str:
+    """``"xla"`` or ``"pallas"``: ``"auto"`` picks Pallas on TPU/GPU and XLA on CPU, by the
+    platform of ``mesh``'s devices when given (the target of an ahead-of-time compile), else
+    ``compat.platform()``."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: expected one of {IMPLS}")
     if impl == "auto":
-        return "pallas" if compat.platform() in compat.BACKENDS else "xla"
+        return "pallas" if compat.platform(mesh) in compat.BACKENDS else "xla"
     return impl
 
 
@@ -183,7 +185,8 @@ def sharded_attention(
     """
     from jax.sharding import PartitionSpec as P
 
-    interp = compat.resolve_interpret(interpret)
+    target = compat.platform(mesh)  # the mesh's devices decide, not the host's default backend
+    interp = target not in compat.BACKENDS if interpret is None else bool(interpret)
     rows = P(batch_axes, None)
     specs = [P(batch_axes, None, head_axis, None), P(batch_axes, head_axis, None, None), P(batch_axes, head_axis, None, None),
              rows, rows]
@@ -200,5 +203,6 @@ def sharded_attention(
                          impl="pallas", interpret=interp, block_sizes=block_sizes, return_lse=return_lse)
 
     out_specs = (specs[0], P(batch_axes, None, head_axis)) if return_lse else specs[0]
-    return compat.shard_map(local, mesh, tuple(specs), out_specs, interpret=interp)(*args)
+    with compat.compiling_for(target):
+        return compat.shard_map(local, mesh, tuple(specs), out_specs, interpret=interp)(*args)
 

@@ -400,7 +400,7 @@ def smollm2_cpu() -> LoopConfig:
 def llama3_8b_paper() -> LoopConfig:
     """Meta-Rewarding as published: Llama-3-8B-Instruct, K=7, N=11, 5,000 prompts x 4 iterations."""
     return LoopConfig(
-        model="meta-llama/Meta-Llama-3-8B-Instruct", dtype="bfloat16", mesh="fsdp=-1,tensor=4",
+        model="meta-llama/Meta-Llama-3-8B-Instruct", dtype="bfloat16", mesh="fsdp=-1,tensor=4", attention_impl="auto",
         iterations=4, prompts_per_iteration=5000, prompts_per_shard=256, gen_batch_size=512, readout="parse",
         actor=Sampling(n=7, temperature=0.8, top_p=0.95, max_new_tokens=1024),
         judge=Sampling(n=11, temperature=0.8, top_p=0.95, max_new_tokens=512),

@@ -308,7 +308,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, end, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, end, 0))
             kv_pos, kv_seg, new_cache = slot_pos, None, (k, v)
-        if dispatch.resolve_impl(self.config.attention_impl) == "pallas":
+        if dispatch.resolve_impl(self.config.attention_impl, self.shard.mesh if self.shard else None) == "pallas":
             out = self.pallas_attention(q, k.astype(dt), v.astype(dt), pos_bt, kv_pos, seg_bt, kv_seg)
         else:
             mask, block = attention_mask(pos_bt, kv_pos, seg_bt, kv_seg), 0

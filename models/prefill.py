@@ -124,7 +124,7 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
     shared = min(_shared_prefix(prompts), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
     shared = shared if shared >= buckets.min_shared_prefix else 0
     head = _prompt_bucket(shared, buckets) if shared else 0
-    keys_last = resolve_impl(c.attention_impl) == "xla"
+    keys_last = resolve_impl(c.attention_impl, ctx.mesh if ctx is not None else None) == "xla"
     rest = _prompt_bucket(max(map(len, prompts)) - shared, buckets) + 1
     capacity = bucket(rest, buckets.min_capacity, buckets.capacity_steps)
     new_h = lambda rows: _full(ctx, (rows, c.hidden_size), 0, c.dtype, ("batch", "act_embed"))

@@ -1,0 +1,253 @@
+"""Compile the loop's training programs ahead of time for a TPU topology, on a machine without one.
+
+    TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu \\
+    python -m experiments.aot --preset llama3_8b_paper --topology v5e-32 [--set key=value ...] [--out DIR]
+
+Needs libtpu (``pip install -e ".[tpu]"``); no TPU and no weights: every argument is a
+``jax.ShapeDtypeStruct`` with its ``NamedSharding`` on a mesh over the topology's devices
+(``jax.experimental.topologies``), and ``jit(...).lower(...).compile()`` runs the real TPU compiler.
+For the preset's settings (after ``--set``) it compiles
+
+* ``dpo_step``: the DPO train step (policy forward and backward, optimizer update) on
+  ``dpo.batch_size`` pairs of ``dpo.max_len`` tokens, with the preset's remat and gradient
+  accumulation;
+* ``reference_logps``: the reference model's log-probs of ``dpo.ref_batch_size`` pairs;
+* ``sft_step``: the SFT step on ``dpo.batch_size`` rows of ``dpo.max_len`` tokens;
+
+and prints one row per program: compile seconds, per-device bytes (arguments, outputs,
+temporaries, generated code, total), the chip's HBM, whether it fits and by how much, the number
+of Pallas (Mosaic) kernel calls in the compiled program, and the collectives per step (count and
+bytes of all-gather, reduce-scatter, all-reduce, all-to-all, from the compiled HLO). ``--out DIR``
+writes the rows to ``DIR/aot.json``. The compiler plans for the HBM it has, so read "fits", not
+the bytes, as the verdict; this is a compile-time result, not a run on a TPU.
+
+Not compiled yet: the sampler (prefill and decode) and the judges' score readouts, which take
+concrete parameters today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from experiments.cli import UsageError, apply_overrides, run_main
+from experiments.configs import LoopConfig, get_preset, resolve
+from metajudge.stages import write_json_atomic
+from metajudge.train import TrainStep, _pair_scorer, abstract_train_state
+from models.llama import Llama, LlamaConfig, get_config
+from models.sharding import ShardingContext, make_mesh, state_shardings
+
+GiB = 1 << 30
+
+# Topology names as users know them -> (topology description, chip config, HBM GiB per chip).
+TOPOLOGIES: dict[str, tuple[str, Optional[str], float]] = {
+    "v5e-1": ("v5e:1x1", None, 16), "v5e-4": ("v5e:2x2", None, 16), "v5e-16": ("v5e:4x4", None, 16),
+    "v5e-32": ("v5e:4x8", None, 16), "v5e-256": ("v5e:16x16", None, 16),
+    "v6e-4": ("v6e:2x2", None, 32), "v6e-32": ("v6e:4x8", None, 32), "v6e-256": ("v6e:16x16", None, 32),
+    "v4-8": ("v4:2x2x1", "megacore", 32), "v4-32": ("v4:2x2x4", "megacore", 32),
+    "v5p-32": ("v5:2x2x4", "megacore", 95), "v5p-64": ("v5:4x4x2", "megacore", 95),
+}
+# The architecture of a preset's model source, when it cannot be read from a local checkpoint.
+_ARCH = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+         "meta-llama/Meta-Llama-3-70B-Instruct": "llama3-70b", "smollm2-135m-instruct": "smollm2-135m"}
+_COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+
+
+def topology_devices(name: str) -> tuple[list[Any], float]:
+    """The devices of a named topology (``TOPOLOGIES``) and its HBM per chip in bytes."""
+    if name not in TOPOLOGIES:
+        raise UsageError(f"--topology {name!r}: known topologies: {', '.join(TOPOLOGIES)}")
+    desc, chip_config, hbm = TOPOLOGIES[name]
+    try:
+        from jax.experimental import topologies
+    except ImportError:  # pragma: no cover - very old JAX
+        raise UsageError("this JAX has no jax.experimental.topologies; upgrade jax") from None
+    kw = {"chip_config_name": chip_config} if chip_config else {}
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=desc, chips_per_host_bounds=(2, 2, 1), **kw)
+    except Exception as e:  # libtpu missing or unable to describe the topology
+        raise UsageError(f"cannot describe TPU topology {desc} ({type(e).__name__}: {e}); install libtpu with "
+                         "pip install -e \".[tpu]\" and run with TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu") from None
+    return list(topo.devices), hbm * GiB
+
+
+def model_config(cfg: LoopConfig, vocab_size: int = 49152) -> LlamaConfig:
+    """The architecture of the run's model with its dtypes, remat and attention settings."""
+    options = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, attention_impl=cfg.attention_impl)
+    if cfg.model == "tiny":
+        return get_config("tiny", vocab_size=vocab_size, max_position_embeddings=4096, **options)
+    if os.path.isfile(os.path.join(cfg.model, "config.json")):
+        from models.loading import config_from_hf
+
+        with open(os.path.join(cfg.model, "config.json")) as f:
+            return config_from_hf(json.load(f), source=cfg.model).replace(**options)
+    if cfg.model not in _ARCH:
+        raise UsageError(f"model {cfg.model!r}: give a local checkpoint directory, or one of {', '.join(_ARCH)}")
+    return get_config(_ARCH[cfg.model], **options)
+
+
+def abstract_model(config: LlamaConfig, mesh: Any) -> Llama:
+    """The model with ``ShapeDtypeStruct`` parameters placed as ``create_model`` would place them."""
+    shard = ShardingContext(mesh)
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), shard=shard))
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, shard)
+    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                          jax.tree.map(lambda v: v, shardings))
+    return nnx.merge(graphdef, placed)
+
+
+def _batch(mesh: Any, rows: int, length: int, fields: Sequence[str]) -> dict[str, jax.ShapeDtypeStruct]:
+    from metajudge.train import batch_sharding
+
+    sh = batch_sharding(mesh)
+    out = {}
+    for f in fields:
+        if f.startswith("ref_"):
+            out[f] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sh)
+        else:
+            out[f] = jax.ShapeDtypeStruct((rows, length), jnp.float32 if f.endswith("loss_mask") else jnp.int32, sharding=sh)
+    return out
+
+
+def _side_fields(prefixes: Sequence[str]) -> list[str]:
+    return [f"{p}{f}" for p in prefixes for f in ("inputs", "targets", "positions", "segment_ids", "loss_mask")]
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """Count and result bytes of each collective op in compiled HLO text."""
+    out = {c: {"count": 0, "bytes": 0} for c in _COLLECTIVES}
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*(.*?)\s(" + "|".join(_COLLECTIVES) + r")(-start)?\(", line)
+        if not m:
+            continue
+        op = m.group(2)
+        out[op]["count"] += 1
+        for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1)):
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            out[op]["bytes"] += n * _DTYPE_BYTES.get(dt, 4)
+    return out
+
+
+def compile_program(name: str, fn: Callable[[], Any], hbm: float) -> dict[str, Any]:
+    """Lowers and compiles ``fn()`` (a ``jit(...).lower(...)``) and measures the executable."""
+    t0 = time.perf_counter()
+    try:
+        compiled = fn().compile()
+    except Exception as e:  # the compiler's own refusal (e.g. out of memory) is a result, not a crash
+        return {"program": name, "compiled": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                "compile_s": round(time.perf_counter() - t0, 1), "hbm_bytes": int(hbm), "fits": False}
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    alias, temp, code = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes)
+    total = args + outs - alias + temp + code
+    hlo = compiled.as_text()
+    return {"program": name, "compiled": True, "compile_s": round(seconds, 1), "argument_bytes": args,
+            "output_bytes": outs, "alias_bytes": alias, "temp_bytes": temp, "code_bytes": code, "total_bytes": total,
+            "hbm_bytes": int(hbm), "fits": total <= hbm, "margin_bytes": int(hbm - total),
+            "pallas_calls": hlo.count("tpu_custom_call"), "collectives": collectives(hlo)}
+
+
+def programs(cfg: LoopConfig, mesh: Any) -> dict[str, Callable[[], Any]]:
+    """``{name: () -> Lowered}`` of the training programs (module doc)."""
+    config = model_config(cfg)
+    dpo = cfg.dpo
+    train = dpo.train
+    model = abstract_model(config, mesh)
+
+    def dpo_step():
+        state = abstract_train_state(model, train, mesh)
+        step = TrainStep("dpo", train, state, mesh, batch_size=dpo.batch_size)
+        fields = _side_fields(("chosen_", "rejected_")) + ["ref_chosen_logp", "ref_rejected_logp"]
+        return step.jitted.lower(state, _batch(mesh, dpo.batch_size, dpo.max_len, fields))
+
+    def reference_logps():
+        graphdef, params = nnx.split(model)
+        return _pair_scorer(graphdef, 0).lower(params, _batch(mesh, dpo.ref_batch_size, dpo.max_len,
+                                                              _side_fields(("chosen_", "rejected_"))))
+
+    def sft_step():
+        state = abstract_train_state(model, train, mesh)
+        step = TrainStep("sft", train, state, mesh, batch_size=dpo.batch_size)
+        return step.jitted.lower(state, _batch(mesh, dpo.batch_size, dpo.max_len, _side_fields(("",))))
+
+    return {"dpo_step": dpo_step, "reference_logps": reference_logps, "sft_step": sft_step}
+
+
+def _gib(x: Optional[int]) -> str:
+    return "-" if x is None else f"{x / GiB:.2f}"
+
+
+def table(rows: Sequence[dict]) -> str:
+    """Markdown table of the compiled programs."""
+    head = ["program", "compile s", "args GiB", "temp GiB", "total GiB", "HBM GiB", "fits", "Pallas calls",
+            "all-gather", "reduce-scatter", "all-reduce"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        if not r["compiled"]:
+            lines.append(f"| {r['program']} | {r['compile_s']} | - | - | - | {_gib(r['hbm_bytes'])} | no: {r['error']} | - | - | - | - |")
+            continue
+        coll = [f"{r['collectives'][c]['count']} ({r['collectives'][c]['bytes'] / GiB:.2f} GiB)"
+                for c in ("all-gather", "reduce-scatter", "all-reduce")]
+        fits = "yes" if r["fits"] else f"no ({_gib(-r['margin_bytes'])} GiB over)"
+        lines.append("| " + " | ".join([r["program"], str(r["compile_s"]), _gib(r["argument_bytes"]), _gib(r["temp_bytes"]),
+                                          _gib(r["total_bytes"]), _gib(r["hbm_bytes"]), fits, str(r["pallas_calls"]), *coll]) + " |")
+    return "\n".join(lines)
+
+
+def run(preset: str, topology: str, overrides: Sequence[str] = (), only: Optional[Sequence[str]] = None,
+        out: Optional[str] = None) -> list[dict]:
+    """Compiles the preset's programs for the topology; returns the rows (and writes ``out/aot.json``)."""
+    cfg = resolve(apply_overrides(get_preset(preset, "meta_reward"), list(overrides)))
+    devices, hbm = topology_devices(topology)
+    try:
+        mesh = make_mesh(cfg.mesh, devices=devices)
+    except ValueError as e:
+        raise UsageError(f"mesh={cfg.mesh!r} on {topology} ({len(devices)} chips): {e}") from None
+    progs = programs(cfg, mesh)
+    unknown = sorted(set(only or ()) - set(progs))
+    if unknown:
+        raise UsageError(f"--programs {', '.join(unknown)}: known programs: {', '.join(progs)}")
+    rows = []
+    for name, fn in progs.items():
+        if only and name not in only:
+            continue
+        print(f"compiling {name} for {topology} ...", file=sys.stderr)
+        rows.append({"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), **compile_program(name, fn, hbm)})
+    if out:
+        write_json_atomic(os.path.join(out, "aot.json"), {"preset": preset, "topology": topology, "set": list(overrides),
+                                                          "config": dataclasses.asdict(cfg), "programs": rows})
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line entry point (see the module doc)."""
+    ap = argparse.ArgumentParser(prog="python -m experiments.aot", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", required=True, help="a loop preset (experiments.configs), e.g. llama3_8b_paper")
+    ap.add_argument("--topology", required=True, help=f"one of {', '.join(TOPOLOGIES)}")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a loop setting")
+    ap.add_argument("--programs", nargs="+", default=None, help="compile only these (default: all)")
+    ap.add_argument("--out", default=None, help="write DIR/aot.json")
+    args = ap.parse_args(argv)
+    rows = run(args.preset, args.topology, args.set, args.programs, args.out)
+    print(table(rows))
+    return 0 if all(r["compiled"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    run_main(main)

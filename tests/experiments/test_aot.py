@@ -1,0 +1,80 @@
+"""`python -m experiments.aot`: the tiny preset compiled for real TPU topologies on a CPU host.
+
+Needs libtpu (the `tpu` extra); skipped without it. Each compile runs in a subprocess with
+``TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu``, as the command's documentation says to run it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments.aot import collectives
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason='libtpu not installed (pip install -e ".[tpu]")')
+ENV = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "XLA_FLAGS": ""}
+
+
+def _aot(tmp_path, topology, *args):
+    out = tmp_path / topology
+    res = subprocess.run([sys.executable, "-m", "experiments.aot", "--preset", "tiny", "--topology", topology,
+                          "--out", str(out), *args], env=ENV, capture_output=True, text=True, timeout=900)
+    rows = json.loads((out / "aot.json").read_text())["programs"] if (out / "aot.json").exists() else None
+    return res, rows
+
+
+@pytest.mark.parametrize("topology", ["v5e-4", "v4-8"])
+def test_every_program_compiles_with_the_pallas_kernels_and_reports_memory(tmp_path, topology):
+    res, rows = _aot(tmp_path, topology, "--set", "attention_impl=pallas")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["program"] for r in rows] == ["dpo_step", "reference_logps", "sft_step"]
+    for r in rows:
+        assert r["compiled"] and r["fits"] and r["chips"] == 4
+        assert 0 < r["total_bytes"] < r["hbm_bytes"] and r["temp_bytes"] > 0
+        # tiny has 2 layers: forward kernels in every program, backward ones in the train steps
+        assert r["pallas_calls"] >= 2, r
+        assert r["collectives"]["all-gather"]["count"] > 0  # parameters are sharded over fsdp
+    assert "| dpo_step |" in res.stdout
+
+
+def test_auto_on_a_tpu_mesh_builds_mosaic_kernels_and_xla_builds_none(tmp_path):
+    res, rows = _aot(tmp_path, "v5e-4", "--set", "attention_impl=auto", "--programs", "reference_logps")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert rows[0]["pallas_calls"] == 2  # the host is a CPU, but the target decides
+    res, rows = _aot(tmp_path / "xla", "v5e-4", "--set", "attention_impl=xla", "--programs", "reference_logps")
+    assert res.returncode == 0 and rows[0]["pallas_calls"] == 0
+
+
+def test_a_batch_too_large_for_the_chip_is_reported_as_not_fitting(tmp_path):
+    res, rows = _aot(tmp_path, "v5e-4", "--programs", "reference_logps", "--set", "dpo.ref_batch_size=8192",
+                     "--set", "dpo.max_len=4096")
+    assert res.returncode == 1  # a program that does not fit is not a success
+    (row,) = rows
+    assert not row["fits"]
+    assert (not row["compiled"]) or row["margin_bytes"] < 0
+    assert "| reference_logps |" in res.stdout and "no" in res.stdout
+
+
+def test_unknown_topology_is_one_readable_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "experiments.aot", "--preset", "tiny", "--topology", "v9-1"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "known topologies" in res.stderr
+
+
+def test_collectives_are_counted_with_their_result_bytes():
+    hlo = "\n".join([
+        "  %all-gather.1 = bf16[8,1024]{1,0} all-gather(bf16[1,1024]{1,0} %p), dimensions={0}",
+        "  %ar = (f32[16]{0}, f32[4,4]{1,0}) all-reduce(f32[16]{0} %a, f32[4,4]{1,0} %b), to_apply=%add",
+        "  %ags = (bf16[2]{0}, bf16[16]{0}) all-gather-start(bf16[2]{0} %x)",
+        "  %add.3 = f32[16]{0} add(f32[16]{0} %a, f32[16]{0} %b)",
+    ])
+    c = collectives(hlo)
+    assert c["all-gather"] == {"count": 2, "bytes": 8 * 1024 * 2 + (2 + 16) * 2}
+    assert c["all-reduce"] == {"count": 1, "bytes": 16 * 4 + 16 * 4}
+    assert c["reduce-scatter"] == {"count": 0, "bytes": 0}
