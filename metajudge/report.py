@@ -11,6 +11,7 @@ import numpy as np
 
 from metajudge.evaluate import LC_KIND_ALPACA_EVAL, LC_KIND_LENGTH_ONLY
 from metajudge.stages import write_json_atomic, write_text_atomic
+from models.files import write_atomic
 
 COLUMNS = (
     ("iteration", "iter", "{:d}"),
@@ -151,9 +152,8 @@ def _plot(out_dir: str, metrics: Sequence[dict]) -> list[str]:
             ax.set_xticks(its)
     fig.tight_layout()
     path = os.path.join(out_dir, "metrics.png")
-    fig.savefig(path + ".tmp.png", dpi=80)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=80), binary=True)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return [path]
 
 
@@ -268,10 +268,8 @@ def plot_evaluation(path: str, runs: Mapping[str, Sequence[dict]]) -> str:
         ax.set_xticks(sorted(ticks))
         ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=80)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=80), binary=True)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path
 
 
