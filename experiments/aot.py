@@ -149,6 +149,8 @@ def compile_program(name: str, fn: Callable[[], Any], hbm: float) -> dict[str, A
     try:
         compiled = fn().compile()
     except Exception as e:  # the compiler's own refusal (e.g. out of memory) is a result, not a crash
+        # The compiler's whole message (for an out-of-memory: its largest allocations) goes to stderr.
+        print(f"--- {name}: the compiler's message ---\n{e}\n---", file=sys.stderr, flush=True)
         return {"program": name, "compiled": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
                 "compile_s": round(time.perf_counter() - t0, 1), "hbm_bytes": int(hbm), "fits": False}
     seconds = time.perf_counter() - t0
@@ -178,7 +180,7 @@ def programs(cfg: LoopConfig, mesh: Any) -> dict[str, Callable[[], Any]]:
 
     def reference_logps():
         graphdef, params = nnx.split(model)
-        return _pair_scorer(graphdef, 0).lower(params, _batch(mesh, dpo.ref_batch_size, dpo.max_len,
+        return _pair_scorer(graphdef, 0, train.logits_chunk).lower(params, _batch(mesh, dpo.ref_batch_size, dpo.max_len,
                                                               _side_fields(("chosen_", "rejected_"))))
 
     def sft_step():

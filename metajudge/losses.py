@@ -129,10 +129,16 @@ def sft_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, dict[st
     ``loss``, ``n_tokens`` (``sum(mask)``), ``accuracy`` (masked fraction of tokens whose argmax
     equals the target).
     """
+    correct = jnp.argmax(logits, axis=-1) == targets
+    return sft_loss_terms(token_logps(logits, targets, mask), correct, mask)
+
+
+def sft_loss_terms(token_logp: Array, correct: Array, mask: Array) -> tuple[Array, dict[str, Array]]:
+    """:func:`sft_loss` from per-token ``log p(target)`` and ``argmax == target`` ``[B, T]`` (what a
+    chunked LM head gives without ``[B, T, V]`` logits)."""
     m = mask.astype(jnp.float32)
     n_tokens = jnp.sum(m)
     denom = jnp.maximum(n_tokens, 1.0)
-    loss = -jnp.sum(token_logps(logits, targets, mask) * m) / denom
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    metrics = {"loss": loss, "n_tokens": n_tokens, "accuracy": jnp.sum(correct * m) / denom}
+    loss = -jnp.sum(jnp.where(mask.astype(bool), token_logp, 0.0) * m) / denom
+    metrics = {"loss": loss, "n_tokens": n_tokens, "accuracy": jnp.sum(correct.astype(jnp.float32) * m) / denom}
     return loss, metrics

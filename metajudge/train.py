@@ -39,7 +39,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from metajudge.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, sft_loss
+from metajudge.losses import DPO_LOSS_TYPES, dpo_loss, sft_loss_terms, token_logps
 from models.distributed import process_rows, put_global, put_process_rows, to_host
 from models.sharding import ShardingContext, data_parallel_size
 
@@ -81,6 +81,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     remat: bool = False  # rematerialize each decoder block in the backward pass
+    # The LM head and log-softmax run over this many positions at a time, each chunk recomputed in
+    # the backward pass, so [B, T, V] logits never exist; rows of at most this many loss positions
+    # take the plain path (whole logits, nothing recomputed). 0: always the plain path.
+    logits_chunk: int = 1024
     seed: int = 0
 
     def __post_init__(self):
@@ -88,8 +92,8 @@ class TrainConfig:
             raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
-        if self.grad_accum_steps < 1 or self.warmup_steps < 0 or self.total_steps < 0:
-            raise ValueError("grad_accum_steps must be >= 1; warmup_steps and total_steps >= 0")
+        if self.grad_accum_steps < 1 or self.warmup_steps < 0 or self.total_steps < 0 or self.logits_chunk < 0:
+            raise ValueError("grad_accum_steps must be >= 1; warmup_steps, total_steps and logits_chunk >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
@@ -244,17 +248,45 @@ def first_loss_position(rows: Sequence[dict] | Batch, kind: str = "dpo") -> int:
     return min(firsts, default=0) // LOSS_FROM_MULTIPLE * LOSS_FROM_MULTIPLE
 
 
-def _forward(graphdef, params, inputs, positions, segment_ids, loss_from: int = 0) -> Array:
-    """Logits ``[B, T - loss_from, V]``: the hidden states of every position, the head from ``loss_from``."""
+def target_logps(model: nnx.Module, h: Array, targets: Array, chunk: int) -> tuple[Array, Array]:
+    """Per-token ``log p(targets)`` ``[B, T]`` (float32) and whether the argmax is the target, from
+    final hidden states ``h`` ``[B, T, D]``.
+
+    With ``0 < chunk < T`` the LM head and log-softmax run over ``chunk`` positions at a time
+    (``lax.map``), each chunk under ``jax.checkpoint``: the forward keeps only ``h``, the backward
+    recomputes one chunk's logits at a time, so no ``[B, T, V]`` array exists in either pass (the
+    price: the head's matmul runs once more). Otherwise the whole ``[B, T, V]`` logits are built.
+    The values are the same either way (:func:`metajudge.losses.token_logps`).
+    """
+    def head(hc: Array, tc: Array) -> tuple[Array, Array]:
+        logits = model.logits(hc)
+        return token_logps(logits, tc, jnp.ones_like(tc)), jnp.argmax(logits, axis=-1) == tc
+
+    b, t, d = h.shape
+    if chunk <= 0 or t <= chunk:
+        return head(h, targets)
+    n = -(-t // chunk)
+    h = jnp.pad(h, ((0, 0), (0, n * chunk - t), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, n * chunk - t)))
+    split = lambda x: jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+    lp, ok = jax.lax.map(lambda a: jax.checkpoint(head)(*a), (split(h), split(targets)))
+    join = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t]
+    return join(lp), join(ok)
+
+
+def _forward(graphdef, params, inputs, positions, segment_ids, targets, loss_from: int, chunk: int) -> tuple[Array, Array]:
+    """:func:`target_logps` of ``targets[:, loss_from:]``: hidden states of every position, the head
+    from ``loss_from`` on."""
     model = nnx.merge(graphdef, params)
     h, _ = model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
-    return model.logits(h[:, loss_from:])
+    return target_logps(model, h[:, loss_from:], targets[:, loss_from:], chunk)
 
 
-def _sft_micro_loss(params, mb, *, graphdef, n_total, loss_from: int):
+def _sft_micro_loss(params, mb, *, graphdef, n_total, loss_from: int, chunk: int):
     """Micro-batch cross-entropy weighted by its share of the batch's loss tokens."""
-    logits = _forward(graphdef, params, mb["inputs"], mb["positions"], mb["segment_ids"], loss_from)
-    loss, m = sft_loss(logits, mb["targets"][:, loss_from:], mb["loss_mask"][:, loss_from:])
+    lp, correct = _forward(graphdef, params, mb["inputs"], mb["positions"], mb["segment_ids"], mb["targets"],
+                           loss_from, chunk)
+    loss, m = sft_loss_terms(lp, correct, mb["loss_mask"][:, loss_from:])
     share = m["n_tokens"] / n_total
     return loss * share, {"loss": loss * share, "accuracy": m["accuracy"] * share, "n_tokens": m["n_tokens"]}
 
@@ -265,16 +297,17 @@ def _interleave(mb: Batch, field: str) -> Array:
     return jnp.stack([c, r], axis=1).reshape((-1,) + c.shape[1:])
 
 
-def _pair_logps(graphdef, params, mb: Batch, loss_from: int) -> Array:
+def _pair_logps(graphdef, params, mb: Batch, loss_from: int, chunk: int = 0) -> Array:
     """``[B, 2]`` chosen/rejected response log-prob sums, from one forward over both."""
-    logits = _forward(graphdef, params, *(_interleave(mb, f) for f in ("inputs", "positions", "segment_ids")), loss_from)
-    targets, mask = (_interleave(mb, f)[:, loss_from:] for f in ("targets", "loss_mask"))
-    return sequence_logps(logits, targets, mask).reshape(-1, 2)
+    fields = (_interleave(mb, f) for f in ("inputs", "positions", "segment_ids", "targets"))
+    lp, _ = _forward(graphdef, params, *fields, loss_from=loss_from, chunk=chunk)
+    mask = _interleave(mb, "loss_mask")[:, loss_from:].astype(jnp.float32)
+    return jnp.sum(lp * mask, axis=-1).reshape(-1, 2)
 
 
 def _dpo_micro_loss(params, mb, *, graphdef, n_total, cfg: TrainConfig, loss_from: int):
     """One forward over chosen and rejected rows; DPO loss weighted by the micro-batch's share of pairs."""
-    logps = _pair_logps(graphdef, params, mb, loss_from)
+    logps = _pair_logps(graphdef, params, mb, loss_from, cfg.logits_chunk)
     loss, m = dpo_loss(
         logps[:, 0], logps[:, 1], mb["ref_chosen_logp"], mb["ref_rejected_logp"],
         beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type,
@@ -324,7 +357,8 @@ def _update(state: TrainState, grads, metrics: dict, cfg: TrainConfig) -> tuple[
 
 def _sft_update(state: TrainState, batch: Batch, *, cfg: TrainConfig, constrain_mb, loss_from: int) -> tuple[TrainState, dict]:
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-    loss_fn = functools.partial(_sft_micro_loss, graphdef=state.graphdef, n_total=n_total, loss_from=loss_from)
+    loss_fn = functools.partial(_sft_micro_loss, graphdef=state.graphdef, n_total=n_total, loss_from=loss_from,
+                                chunk=cfg.logits_chunk)
     grads, metrics = _accumulate(loss_fn, state.params, batch, cfg.grad_accum_steps, constrain_mb)
     return _update(state, grads, metrics, cfg)
 
@@ -469,19 +503,20 @@ def make_dpo_step(cfg: TrainConfig, state: TrainState, mesh: Optional[Mesh] = No
 
 
 @functools.lru_cache(maxsize=8)
-def _pair_scorer(graphdef, loss_from: int) -> Callable:
+def _pair_scorer(graphdef, loss_from: int, chunk: int = TrainConfig.logits_chunk) -> Callable:
     """Jitted ``(params, batch) -> [B, 2]`` chosen/rejected log-prob sums (cached per model layout)."""
-    return jax.jit(functools.partial(_pair_logps, graphdef, loss_from=loss_from))
+    return jax.jit(functools.partial(_pair_logps, graphdef, loss_from=loss_from, chunk=chunk))
 
 
 def compute_reference_logps(
-    model: nnx.Module, dataset_rows: Sequence[dict], batch_size: int, *, mesh: Optional[Mesh] = None
+    model: nnx.Module, dataset_rows: Sequence[dict], batch_size: int, *, mesh: Optional[Mesh] = None,
+    logits_chunk: int = TrainConfig.logits_chunk,
 ) -> list[dict]:
     """Copies of DPO rows (from ``build_dpo_examples``) with ``ref_chosen_logp`` / ``ref_rejected_logp``.
 
     Log-probs are summed over each response's ``loss_mask`` under ``model`` (the reference, i.e.
     the model at the start of the DPO iteration). The last batch is padded by repetition so only
-    one shape is compiled.
+    one shape is compiled. ``logits_chunk`` bounds the logits' memory as in :func:`target_logps`.
     """
     if not dataset_rows:
         return []
@@ -491,7 +526,7 @@ def compute_reference_logps(
         dp = data_parallel_size(mesh)
         batch_size = math.ceil(batch_size / dp) * dp
         sharding = batch_sharding(mesh)
-    score = _pair_scorer(graphdef, first_loss_position(dataset_rows, "dpo"))
+    score = _pair_scorer(graphdef, first_loss_position(dataset_rows, "dpo"), logits_chunk)
     keys = _batch_keys("dpo")[:-2]
     out: list[dict] = []
     for start in range(0, len(dataset_rows), batch_size):

@@ -300,7 +300,7 @@ def reference_pairs(model: Any, tokenizer: Any, pairs_jsonl: str, run: DPORunCon
     rows = build(records)
     if all("ref_chosen_logp" in r for r in records):
         return rows
-    rows = compute_reference_logps(model, rows, run.ref_batch_size, mesh=mesh)
+    rows = compute_reference_logps(model, rows, run.ref_batch_size, mesh=mesh, logits_chunk=run.train.logits_chunk)
     for rec, row in zip(records, rows):
         rec["ref_chosen_logp"] = float(row["ref_chosen_logp"])
         rec["ref_rejected_logp"] = float(row["ref_rejected_logp"])

@@ -407,7 +407,7 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         positions = positions.astype(jnp.int32)
         x = jnp.take(self.embedding_vd.value, tokens_bt, axis=0).astype(dt)
-        x = constrain(self.shard, x, ("batch", "length", "act_embed"))
+        x = constrain(self.shard, x, ("batch", "residual_length", "act_embed"))
         new_cache = None
         if cache is not None:
             slot_pos = positions if segment_ids is None else jnp.where(segment_ids != 0, positions, -1)
@@ -423,7 +423,7 @@ class Llama(nnx.Module):
             if cache is not None:
                 new_k.append(lc[0])
                 new_v.append(lc[1])
-            x = constrain(self.shard, x, ("batch", "length", "act_embed"))
+            x = constrain(self.shard, x, ("batch", "residual_length", "act_embed"))
         x = self.final_norm(x)
         if cache is not None:
             new_cache = KVCache(k=new_k, v=new_v, pos=pos_all, end=cache.end + t)

@@ -38,6 +38,10 @@ DEFAULT_RULES: Mapping[str, Any] = {
     # activations
     "batch": ("data", "fsdp"),
     "length": None,
+    # The residual stream between decoder blocks (what remat keeps per layer for the backward pass)
+    # is split over the sequence on the tensor axis: each tensor shard holds 1/tensor of it instead of
+    # a replica (sequence parallelism; the blocks gather it back where they need whole rows).
+    "residual_length": "tensor",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
