@@ -26,6 +26,7 @@ from typing import Any, Literal, Mapping, Optional
 
 from experiments.cli import UsageError, config_dict
 from metajudge import meta_judge as mj
+from metajudge.pairs import Tiebreak
 from metajudge.roles import Sampling
 from metajudge.train import TrainConfig
 from metajudge.trainer import DPORunConfig
@@ -102,6 +103,10 @@ class LoopConfig:
     meta_judge: Sampling = Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=96)
     readout: Literal["parse", "expected"] = "parse"
     rho: tuple[float, ...] = (0.0,)  # length-control ρ per iteration (the last value repeats)
+    # How the actor pair is picked within its score bands (metajudge/pairs.py): "length" (length
+    # control: the shortest chosen, the longest rejected) or "random" (uniform, seeded per run,
+    # iteration and prompt; with rho=0 Self-Rewarding's best vs worst with no length preference).
+    pair_tiebreak: Tiebreak = "length"
     judge_pair_iterations: tuple[int, ...] = (1, 2)
     # How meta-judge battles become Elo inputs (metajudge/meta_judge.py): "paper" weighs hard
     # verdicts by the batch's position-bias weights ω; "order_averaged" scores each pair by the

@@ -333,7 +333,8 @@ def _iterations(cfg: LoopConfig, out: str, mesh: Any, train_prompts: list[dict],
         metajudged = None
         if cfg.method == "meta_reward" and t in cfg.judge_pair_iterations:
             metajudged = _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp)
-        pairs_fp = {**base_fp, "temporal": cfg.temporal, "battle_rule": cfg.battle_rule}
+        pairs_fp = {**base_fp, "temporal": cfg.temporal, "battle_rule": cfg.battle_rule, "rho": cfg.rho_at(t),
+                    "pair_tiebreak": cfg.pair_tiebreak}
         pairs_stage = _stage(os.path.join(it_dir, "pairs"), "pairs", fingerprint_of=pairs_fp)
         pairs_path = os.path.join(pairs_stage.dir, "pairs.jsonl")
         if not pairs_stage.done:
@@ -342,7 +343,8 @@ def _iterations(cfg: LoopConfig, out: str, mesh: Any, train_prompts: list[dict],
                 actor = _temporal_actor_pairs(cfg, out, it_dir, t, prompts, generated, judged, model, config, tok,
                                               base_fp, mesh, wandb_run=wandb_run)
             pairs, pair_stats = build_pairs(generated, judged, metajudged, rho=cfg.rho_at(t), battle_rule=cfg.battle_rule,
-                                            judgment_max_chars=cfg.judgment_max_chars, actor=actor)
+                                            judgment_max_chars=cfg.judgment_max_chars, actor=actor,
+                                            tiebreak=cfg.pair_tiebreak, seed=cfg.seed * 1000 + t)
             pair_stats["hidden_cosine"] = hidden_cosine(model, tok, pairs)
             write_jsonl_atomic(pairs_path, pairs)
             pairs_stage.finish(pair_stats)

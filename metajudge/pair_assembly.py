@@ -15,13 +15,14 @@ The functions here turn them into DPO records ``{"kind": "actor" | "judge", "id"
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Optional
 
 import numpy as np
 
 from metajudge import meta_judge as mj
 from metajudge.judge import highest_variance_index
-from metajudge.pairs import select_actor_pair
+from metajudge.pairs import Tiebreak, select_actor_pair
 from metajudge.prompts import judge_prompt
 from metajudge.temporal import anchored_pair, future_guided_chosen
 
@@ -41,19 +42,29 @@ def _actor_record(g: dict, chosen: str, rejected: str, s_c: float, s_r: float, *
             "chosen_score": float(s_c), "rejected_score": float(s_r), **extra}
 
 
-def actor_pairs(generated: list[dict], judged: list[dict], rho: float) -> list[dict]:
-    """Self-/Meta-Rewarding actor pairs with length control, one per prompt at most.
+def tiebreak_rng(seed: int, prompt_id: str) -> np.random.Generator:
+    """The generator of one prompt's random tie-break: a function of the run's seed, the iteration
+    (folded into ``seed`` by the caller) and the prompt id only, so a resumed run picks the same."""
+    return np.random.default_rng([seed, zlib.crc32(prompt_id.encode())])
 
-    With S_max, S_min a prompt's highest and lowest mean scores: chosen = the shortest response
-    scored in [(1-ρ)·S_max + ρ·S_min, S_max], rejected = the longest scored in
-    [S_min, (1-ρ)·S_min + ρ·S_max] (:func:`metajudge.pairs.select_actor_pair`); ρ = 0 is best vs
-    worst; prompts whose scores are all equal give no pair.
+
+def actor_pairs(generated: list[dict], judged: list[dict], rho: float, *, tiebreak: Tiebreak = "length",
+                seed: int = 0) -> list[dict]:
+    """Self-/Meta-Rewarding actor pairs, one per prompt at most.
+
+    With S_max, S_min a prompt's highest and lowest mean scores: chosen from the responses scored
+    in [(1-ρ)·S_max + ρ·S_min, S_max], rejected from those scored in [S_min, (1-ρ)·S_min + ρ·S_max]
+    (:func:`metajudge.pairs.select_actor_pair`): with ``tiebreak="length"`` (length control) the
+    shortest chosen and the longest rejected; with ``"random"`` uniformly, seeded per prompt by
+    :func:`tiebreak_rng` (``seed``, prompt id). ρ = 0 is best vs worst; prompts whose scores are all
+    equal give no pair.
     """
     grouped = by_prompt(judged)
     pairs = []
     for g in generated:
         scores = [r["mean"] for r in grouped[g["id"]]]
-        sel = select_actor_pair(scores, [len(x) for x in g["responses"]], rho)
+        rng = tiebreak_rng(seed, g["id"]) if tiebreak == "random" else None
+        sel = select_actor_pair(scores, [len(x) for x in g["responses"]], rho, tiebreak=tiebreak, rng=rng)
         if sel is not None:
             c, r = sel
             pairs.append(_actor_record(g, g["responses"][c], g["responses"][r], scores[c], scores[r]))
@@ -153,11 +164,12 @@ def judge_pairs(metajudged: list[dict], battle_rule: mj.BattleRule, judgment_max
 
 def build_pairs(generated: list[dict], judged: list[dict], metajudged: Optional[list[dict]], *, rho: float,
                 battle_rule: mj.BattleRule, judgment_max_chars: Optional[int],
-                actor: Optional[list[dict]] = None) -> tuple[list[dict], dict]:
+                actor: Optional[list[dict]] = None, tiebreak: Tiebreak = "length",
+                seed: int = 0) -> tuple[list[dict], dict]:
     """An iteration's DPO records with statistics: the actor pairs (``actor`` when given, e.g. the
-    temporally anchored ones; else :func:`actor_pairs` with ``rho``), then the judge pairs of
+    temporally anchored ones; else :func:`actor_pairs` with ``rho``, ``tiebreak`` and ``seed``), then the judge pairs of
     :func:`judge_pairs` when there are meta-judged records."""
-    pairs = actor if actor is not None else actor_pairs(generated, judged, rho)
+    pairs = actor if actor is not None else actor_pairs(generated, judged, rho, tiebreak=tiebreak, seed=seed)
     gaps = [p["chosen_score"] - p["rejected_score"] for p in pairs]
     stats: dict[str, Any] = {"actor_pairs": len(pairs), "score_gap": float(np.mean(gaps)) if gaps else float("nan")}
     if actor is not None:

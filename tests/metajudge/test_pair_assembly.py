@@ -117,3 +117,17 @@ def test_order_averaged_battle_rule_ranks_judgments_from_first_position_probabil
     assert stats["battle_rule"] == "order_averaged"
     assert stats["first_position_prob"] == pytest.approx(sum(p.values()) / 6)
     assert stats["first_position_win_rate"] == pytest.approx(4 / 6)  # from the verdicts, either rule
+
+
+def test_random_tiebreak_depends_on_seed_and_prompt_only():
+    """p1's best mean (4.0) is shared by responses 0 and 2: the random tie-break takes either,
+    the same one for the same seed whatever else is in the batch, and both over seeds."""
+    generated, judged, _ = _records()
+    picks = {}
+    for seed in range(40):
+        pairs, _ = build_pairs(generated, judged, None, **DEFAULTS, tiebreak="random", seed=seed)
+        assert len(pairs) == 1 and pairs[0]["rejected"] == "Blue is a colour of the sky."
+        picks[seed] = pairs[0]["chosen"]
+        alone, _ = build_pairs(generated[:1], judged[:3], None, **DEFAULTS, tiebreak="random", seed=seed)
+        assert alone[0]["chosen"] == picks[seed]
+    assert set(picks.values()) == {"Red.", "Green, the colour of grass and leaves."}

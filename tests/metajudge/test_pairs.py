@@ -90,3 +90,19 @@ def test_select_actor_pair_matches_enumeration_oracle(rows, rho_percent):
     lengths = [n for _, n in rows]
     expected = _oracle(scores, lengths, rho_percent)
     assert select_actor_pair(scores, lengths, rho_percent / 100) == expected
+
+
+def test_random_tiebreak_picks_uniformly_among_equal_best_and_worst_with_no_length_preference():
+    """Scores [4, 2, 4, 2] at ρ=0: chosen is 0 or 2, rejected 1 or 3, each about half the time over
+    4,000 draws (a binomial's 3-sigma band is ±0.024), although index 2 is the shortest and 1 the longest."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    picks = [select_actor_pair([4, 2, 4, 2], [500, 900, 10, 20], 0.0, tiebreak="random", rng=rng) for _ in range(4000)]
+    assert {p[0] for p in picks} == {0, 2} and {p[1] for p in picks} == {1, 3}
+    assert abs(np.mean([p[0] == 2 for p in picks]) - 0.5) < 0.025
+    assert abs(np.mean([p[1] == 3 for p in picks]) - 0.5) < 0.025
+    # a unique best and worst leave nothing to chance
+    assert select_actor_pair([1, 5, 3], [1, 2, 3], 0.0, tiebreak="random", rng=rng) == (1, 0)
+    with pytest.raises(ValueError, match="needs rng"):
+        select_actor_pair([1, 5], [1, 2], 0.0, tiebreak="random")
