@@ -23,25 +23,31 @@ A response is the answer's digits, possibly wrapped in *filler* sentences that c
 Judgment and meta-judgment formats (the assistant's side of the judge and meta-judge prompts of
 :mod:`metajudge.prompts`, which the testbed uses unchanged)::
 
-    Got: 1 4 4 3 8
+    Got: 1 4 4 3 8                              (a judgment)
     Expected: 1 3 4 4 8
     Check: 1 1 + 4 3 - 4 4 + 3 4 - 8 8 +
     Score: 3
 
-    A checks 3 and gives 3. B checks 3 and gives 4.
+    Got: 1 4 4 3 8                              (a meta-judgment)
+    Expected: 1 3 4 4 8
+    Check: 1 1 + 4 3 - 4 4 + 3 4 - 8 8 +
+    Score: 3
+    A gives 3, mine 3, off 0. B gives 4, mine 3, off 1. So 0 < 1.
     Winner: Judgment A
 
 ``Got`` restates the response's digits, ``Expected`` works the answer out, ``Check`` gives per
 position the response's digit, the expected digit and a mark (``+`` right, ``-`` wrong or
 missing, ``_`` standing for a missing digit) and one ``x`` per extra digit, so each mark
 follows the two digits it compares; a faithful judgment's score is the count of ``+`` minus the
-count of ``x``. A meta-judgment restates what each judgment checked and gave; the gold winner is
-the judgment whose score is closer to the gold grade.
+count of ``x``. A meta-judgment first judges the response itself (the same format, taught from
+gold judgments), then states how far each judgment's score is from its own and names the closer
+one: every step is a copy or a small lookup the tiny model can execute. The gold winner is the
+judgment whose score is closer to the gold grade.
 
 Everything random here is drawn from :func:`rng_for`, a ``random.Random`` seeded by a SHA-256 of
 its labels, so every generator is deterministic across runs, machines and Python versions.
 
-The tokenizer (:func:`build_tokenizer`) is a byte-level BPE learnt on the testbed's own text, with
+The tokenizer (:func:`metajudge.testbed_tokenizer.build_tokenizer`) is a byte-level BPE learnt on the testbed's own text, with
 each fixed stretch of the judge and meta-judge templates as one added token: the templates keep
 their full wording while a judge prompt costs a few dozen tokens.
 """
@@ -50,15 +56,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import random
 import re
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt, parse_score
-from metajudge.stages import write_json_atomic
-from models.files import replace_dir, temp_name
-from models.llama import LlamaConfig
+from metajudge.prompts import DEFAULT_TEMPLATES, PromptTemplates, judge_prompt, meta_judge_prompt
 
 LIST_LEN = 5
 MAX_SCORE = 5
@@ -262,10 +264,10 @@ class JudgeNoise:
     rewards length). The meta-judge's training verdicts are flipped with probability ``meta_flip``.
     """
 
-    expected_error: float = 0.2
-    score_error: float = 0.25
-    length_bias: float = 0.6
-    meta_flip: float = 0.05
+    expected_error: float = 0.3
+    score_error: float = 0.4
+    length_bias: float = 1.0
+    meta_flip: float = 0.02
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -335,10 +337,24 @@ def judgment_summary(text: str) -> Optional[tuple[int, int]]:
     return marks_score([m for m in check.group("m").split() if m in ("+", "-", "x")]), int(score.group("k"))
 
 
-def render_meta_judgment(a: Judgment, b: Judgment, winner: str) -> str:
-    """``"A checks 3 and gives 3. B checks 3 and gives 4.\\nWinner: Judgment A"``."""
-    return (f"A checks {marks_score(a.marks)} and gives {a.score}. B checks {marks_score(b.marks)} and "
-            f"gives {b.score}.\nWinner: Judgment {winner}")
+def render_meta_judgment(own: Judgment, a: Judgment, b: Judgment, winner: str) -> str:
+    """The meta-judge's own judgment of the response, then how far each judgment's score is from
+    its own, then the winner::
+
+        Got: 1 4 4 3 8
+        Expected: 1 3 4 4 8
+        Check: 1 1 + 4 3 - 4 4 + 3 4 - 8 8 +
+        Score: 3
+        A gives 3, mine 3, off 0. B gives 4, mine 3, off 1. So 0 < 1.
+        Winner: Judgment A
+
+    Each step reads tokens just written: ``off`` is the distance of the two digits before it, the
+    comparison copies the two offs side by side, the winner follows the sign.
+    """
+    off_a, off_b = abs(a.score - own.score), abs(b.score - own.score)
+    cmp = "<" if off_a < off_b else (">" if off_a > off_b else "=")
+    return (f"{own.text}\nA gives {a.score}, mine {own.score}, off {off_a}. "
+            f"B gives {b.score}, mine {own.score}, off {off_b}. So {off_a} {cmp} {off_b}.\nWinner: Judgment {winner}")
 
 
 def gold_winner(gold_score: int, score_a: float, score_b: float) -> Optional[str]:
@@ -365,14 +381,14 @@ class DataConfig:
     n_eval_problems: int = 48  # gold evaluation only
     n_ift: int = 3000
     n_eft: int = 4000
-    n_meta: int = 2000
+    n_meta: int = 4000
     ift_error_rates: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5)
     eft_error_rates: tuple[float, ...] = (0.0, 0.15, 0.3, 0.5, 0.8)
     filler_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
     noise: JudgeNoise = JudgeNoise()
-    eval_judge_problems: int = 24  # the first ones of the evaluation problems
+    eval_judge_problems: int = 48  # the first ones of the evaluation problems
     eval_responses_per_problem: int = 4
-    eval_meta_pairs: int = 32
+    eval_meta_pairs: int = 96
 
     def problems(self, seed: int) -> tuple[list[Problem], list[Problem], list[Problem]]:
         """``(sft, loop, eval)`` problems of one seed, pairwise disjoint."""
@@ -400,7 +416,7 @@ def sft_records(cfg: DataConfig, seed: int, problems: Sequence[Problem], templat
         winner = item["winner"]
         if rng.random() < cfg.noise.meta_flip:
             winner = "B" if winner == "A" else "A"
-        text = render_meta_judgment(item["a"], item["b"], winner)
+        text = render_meta_judgment(item["own"], item["a"], item["b"], winner)
         recs.append(chat(meta_judge_prompt(item["instruction"], item["response"], item["a"].text, item["b"].text, templates),
                          text, "meta"))
     rng.shuffle(recs)
@@ -408,7 +424,8 @@ def sft_records(cfg: DataConfig, seed: int, problems: Sequence[Problem], templat
 
 
 def meta_items(cfg: DataConfig, rng: random.Random, problems: Sequence[Problem], n: int) -> list[dict]:
-    """``n`` (instruction, response, judgment A, judgment B, gold winner) with no tie.
+    """``n`` (instruction, response, judgment A, judgment B, gold winner, the gold judgment ``own``)
+    with no tie.
 
     Both judgments are noisy judgments of the same response (noise doubled so they differ often)."""
     noise = dataclasses.replace(cfg.noise, expected_error=min(1.0, 2 * cfg.noise.expected_error),
@@ -421,7 +438,8 @@ def meta_items(cfg: DataConfig, rng: random.Random, problems: Sequence[Problem],
         gold = grade_problem(p, resp).quality
         winner = gold_winner(gold, a.score, b.score)
         if winner is not None:
-            out.append({"instruction": p.instruction, "response": resp, "a": a, "b": b, "winner": winner, "gold": gold})
+            out.append({"instruction": p.instruction, "response": resp, "a": a, "b": b, "winner": winner, "gold": gold,
+                        "own": gold_judgment(p, resp)})
     return out
 
 
@@ -452,174 +470,3 @@ def eval_sets(cfg: DataConfig, seed: int, problems: Sequence[Problem]) -> dict[s
 def prompt_records(problems: Sequence[Problem]) -> list[dict]:
     """The loop's prompt records (``metajudge.prompt_sources`` format)."""
     return [{"id": f"{p.op}-{''.join(map(str, p.digits))}", "prompt": p.instruction, "category": p.op} for p in problems]
-
-
-# ----------------------------------------------------------------------------------- metrics
-
-
-def pairwise_accuracy(groups: Sequence[int], gold: Sequence[float], scores: Sequence[Optional[float]]) -> float:
-    """Share of same-group pairs with different gold that ``scores`` order the same way.
-
-    A tie in ``scores`` counts one half, a missing score (None or NaN) as a tie. NaN if no pair.
-    """
-    hits, total = 0.0, 0
-    n = len(gold)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if groups[i] != groups[j] or gold[i] == gold[j]:
-                continue
-            total += 1
-            si, sj = scores[i], scores[j]
-            if si is None or sj is None or si != si or sj != sj or si == sj:
-                hits += 0.5
-            elif (si > sj) == (gold[i] > gold[j]):
-                hits += 1.0
-    return hits / total if total else float("nan")
-
-
-def _mean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x is not None and x == x]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def response_metrics(instructions: Sequence[str], responses: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Gold metrics of sampled responses: ``quality`` (mean grade / 5), ``exact`` (share exactly
-    right), ``chars`` (mean length) and ``filler`` (share with filler)."""
-    grades = [grade(i, r) for i, rs in zip(instructions, responses) for r in rs]
-    lengths = [len(r) for rs in responses for r in rs]
-    return {"quality": _mean([g.quality / MAX_SCORE for g in grades]), "exact": _mean([float(g.exact) for g in grades]),
-            "chars": _mean(lengths), "filler": _mean([float(g.filler) for g in grades])}
-
-
-def judge_metrics(groups: Sequence[Any], gold: Sequence[int], scores: Sequence[Optional[float]],
-                  filler: Sequence[bool]) -> dict[str, float]:
-    """How well judge scores (one per response; None or NaN when no judgment parsed) match gold.
-
-    ``judge_acc``: :func:`pairwise_accuracy` within each group (prompt); ``judge_mae``: mean
-    absolute error; ``judge_length_bonus``: mean (score - gold) on responses with filler minus the
-    same on responses without (> 0: the judge pays for length).
-    """
-    ok = [s is not None and s == s for s in scores]
-    err = [s - g for s, g, k in zip(scores, gold, ok) if k]
-    with_f = [s - g for s, g, f, k in zip(scores, gold, filler, ok) if k and f]
-    without = [s - g for s, g, f, k in zip(scores, gold, filler, ok) if k and not f]
-    return {"judge_acc": pairwise_accuracy(groups, gold, scores), "judge_mae": _mean([abs(e) for e in err]),
-            "judge_length_bonus": _mean(with_f) - _mean(without) if with_f and without else float("nan"),
-            "judge_parsed": _mean([float(k) for k in ok])}
-
-
-def battle_truth(instruction: str, response: str, first: str, second: str) -> Optional[int]:
-    """The gold verdict of a meta-judge battle: 1 if the first judgment's score is closer to the
-    gold grade, -1 if the second's, None for a tie or when a score does not parse."""
-    sa, sb = parse_score(first), parse_score(second)
-    if sa is None or sb is None:
-        return None
-    w = gold_winner(grade(instruction, response).quality, sa, sb)
-    return None if w is None else (1 if w == "A" else -1)
-
-
-def meta_accuracy(truths: Sequence[Optional[int]], verdicts: Sequence[int]) -> dict[str, float]:
-    """``meta_acc``: share of battles with a gold winner whose verdict names it (a tie or an
-    unparsed verdict is wrong); ``meta_first``: share of decisive verdicts for the first position."""
-    scored = [(t, v) for t, v in zip(truths, verdicts) if t is not None]
-    decisive = [v for v in verdicts if v != 0]
-    return {"meta_acc": _mean([float(t == v) for t, v in scored]),
-            "meta_first": _mean([float(v == 1) for v in decisive])}
-
-
-def pair_metrics(pairs: Sequence[dict], judged_responses: dict[str, tuple[str, str]]) -> dict[str, float]:
-    """Gold view of one iteration's DPO pairs.
-
-    Actor pairs: ``gold_gap`` (mean grade of chosen minus rejected), ``pair_precision`` (share with
-    a strictly better chosen), ``chosen_minus_rejected_chars``. Judge pairs (``judged_responses``
-    maps a pair's id to the (instruction, response) its judgments are about):
-    ``judge_pair_precision``, the share whose chosen judgment's score is strictly closer to gold.
-    """
-    actor = [p for p in pairs if p.get("kind", "actor") == "actor"]
-    gaps, better, dlen = [], [], []
-    for p in actor:
-        gc, gr = grade(p["prompt"], p["chosen"]).quality, grade(p["prompt"], p["rejected"]).quality
-        gaps.append(gc - gr)
-        better.append(float(gc > gr))
-        dlen.append(len(p["chosen"]) - len(p["rejected"]))
-    judge_hits = []
-    for p in pairs:
-        if p.get("kind") == "judge" and p["id"] in judged_responses:
-            t = battle_truth(*judged_responses[p["id"]], p["chosen"], p["rejected"])
-            if t is not None:
-                judge_hits.append(float(t == 1))
-    return {"gold_gap": _mean(gaps), "pair_precision": _mean(better), "chosen_minus_rejected_chars": _mean(dlen),
-            "judge_pair_precision": _mean(judge_hits)}
-
-
-# --------------------------------------------------------------------------------- tokenizer
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>")
-
-
-def template_pieces(templates: PromptTemplates = DEFAULT_TEMPLATES) -> list[str]:
-    """The fixed stretches of text between the inserted parts of the judge and meta-judge prompts."""
-    marks = ["\x00%d\x00" % i for i in range(4)]
-    texts = [judge_prompt(marks[0], marks[1], templates), meta_judge_prompt(*marks, templates=templates)]
-    pieces: list[str] = []
-    for text in texts:
-        for piece in re.split("\x00\\d\x00", text):
-            if piece and piece not in pieces:
-                pieces.append(piece)
-    return pieces
-
-
-def build_tokenizer(directory: str, corpus: Iterable[str], *, vocab_size: int = 640,
-                    templates: PromptTemplates = DEFAULT_TEMPLATES) -> None:
-    """Learns a byte-level BPE on ``corpus`` and writes an HF tokenizer directory (atomically).
-
-    Template stretches (:func:`template_pieces`) are added tokens, never split; the chat template
-    is ``<|user|>...<|end|><|assistant|>...<|end|>``; ``<|end|>`` ends a turn (EOS).
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    pieces = template_pieces(templates)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-
-    def texts() -> Iterable[str]:
-        for t in corpus:
-            for part in _split_on(t, pieces):
-                yield part
-
-    tok.train_from_iterator(texts(), trainer=trainer)
-    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in pieces])
-    tmp = temp_name(directory)
-    os.makedirs(tmp)
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    write_json_atomic(os.path.join(tmp, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end|>", "pad_token": "<|pad|>", "bos_token": None,
-        "unk_token": None, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
-        "chat_template": CHAT_TEMPLATE}, writer=True)
-    replace_dir(tmp, directory)
-
-
-def _split_on(text: str, pieces: Sequence[str]) -> list[str]:
-    parts = [text]
-    for p in pieces:
-        parts = [q for part in parts for q in part.split(p)]
-    return [q for q in parts if q]
-
-
-def model_config(tok: Any, *, hidden: int = 128, layers: int = 3, heads: int = 4, mlp: int = 384,
-                 max_positions: int = 512, dtype: str = "float32") -> Any:
-    """A small Llama for the testbed tokenizer (``vocab_size`` rounded up to a multiple of 64)."""
-    vocab = -(-tok.vocab_size // 64) * 64
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers, num_heads=heads,
-        num_kv_heads=heads, head_dim=hidden // heads, rope_theta=10000.0, max_position_embeddings=max_positions,
-        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_ids=tuple(tok.eos_token_ids),
-        pad_token_id=tok.pad_token_id, dtype=dtype, param_dtype=dtype,
-    )

@@ -10,6 +10,8 @@ import random
 import pytest
 
 from metajudge import testbed as tb
+from metajudge import testbed_metrics as tbm
+from metajudge import testbed_tokenizer as tbt
 from metajudge.prompts import judge_prompt, meta_judge_prompt, parse_score, parse_winner
 
 SORT = "Sort the list: 3 8 1 4 4"
@@ -82,9 +84,11 @@ def test_noisy_judgments_follow_their_noise_settings():
 def test_meta_judgment_names_the_judgment_closer_to_gold():
     assert tb.gold_winner(3, 3, 4) == "A" and tb.gold_winner(3, 1, 4) == "B" and tb.gold_winner(3, 2, 4) is None
     p = tb.parse_instruction(SORT)
-    a, b = tb.gold_judgment(p, "1 3 4 8 4"), dataclasses.replace(tb.gold_judgment(p, "1 3 4 8 4"), score=4)
-    text = tb.render_meta_judgment(a, b, "A")
-    assert text == "A checks 3 and gives 3. B checks 3 and gives 4.\nWinner: Judgment A"
+    own = tb.gold_judgment(p, "1 3 4 8 4")
+    a, b = own, dataclasses.replace(own, score=4)
+    text = tb.render_meta_judgment(own, a, b, "A")
+    assert text == own.text + "\nA gives 3, mine 3, off 0. B gives 4, mine 3, off 1. So 0 < 1.\nWinner: Judgment A"
+    assert text.startswith("Got: 1 3 4 8 4\nExpected: 1 3 4 4 8\n")
     assert parse_winner(text) == "A"
 
 
@@ -121,7 +125,7 @@ def test_eval_sets_have_graded_responses_and_known_winners():
     for x in sets["judge"]:
         assert tb.grade(x["instruction"], x["response"]).quality == x["gold"]
     for m in sets["meta"]:
-        truth = tb.battle_truth(m["instruction"], m["response"], m["a"], m["b"])
+        truth = tbm.battle_truth(m["instruction"], m["response"], m["a"], m["b"])
         assert truth == (1 if m["winner"] == "A" else -1)
 
 
@@ -130,19 +134,19 @@ def test_eval_sets_have_graded_responses_and_known_winners():
 
 def test_pairwise_accuracy_counts_ties_as_half_and_skips_equal_gold():
     groups, gold = [0, 0, 0, 1, 1], [1, 3, 5, 2, 2]
-    assert tb.pairwise_accuracy(groups, gold, [1, 2, 3, 0, 9]) == 1.0
-    assert tb.pairwise_accuracy(groups, gold, [3, 2, 1, 0, 0]) == 0.0
-    assert tb.pairwise_accuracy(groups, gold, [2, 2, None, 0, 0]) == 0.5
-    assert tb.pairwise_accuracy([0], [1], [1]) != tb.pairwise_accuracy([0], [1], [1])  # NaN: no pair
+    assert tbm.pairwise_accuracy(groups, gold, [1, 2, 3, 0, 9]) == 1.0
+    assert tbm.pairwise_accuracy(groups, gold, [3, 2, 1, 0, 0]) == 0.0
+    assert tbm.pairwise_accuracy(groups, gold, [2, 2, None, 0, 0]) == 0.5
+    assert tbm.pairwise_accuracy([0], [1], [1]) != tbm.pairwise_accuracy([0], [1], [1])  # NaN: no pair
 
 
 def test_judge_meta_and_pair_metrics_on_hand_cases():
     # pairs (0,2), (1,2) ordered right; (0,3), (1,3) against an unparsed score count one half
-    m = tb.judge_metrics([0, 0, 0, 0], [5, 5, 2, 2], [5.0, 4.0, 3.0, None], [True, False, True, False])
+    m = tbm.judge_metrics([0, 0, 0, 0], [5, 5, 2, 2], [5.0, 4.0, 3.0, None], [True, False, True, False])
     assert m["judge_acc"] == 0.75 and m["judge_mae"] == pytest.approx(2 / 3) and m["judge_parsed"] == 0.75
     assert m["judge_length_bonus"] == pytest.approx(0.5 - (-1.0))
     # scored battles: right, wrong, a tie verdict (wrong); decisive verdicts: two of three first
-    assert tb.meta_accuracy([1, -1, None, 1], [1, 1, -1, 0]) == {"meta_acc": 1 / 3, "meta_first": 2 / 3}
+    assert tbm.meta_accuracy([1, -1, None, 1], [1, 1, -1, 0]) == {"meta_acc": 1 / 3, "meta_first": 2 / 3}
     p = tb.parse_instruction(SORT)
     good, bad = tb.gold_judgment(p, "1 3 4 8 4"), dataclasses.replace(tb.gold_judgment(p, "1 3 4 8 4"), score=0)
     bad = tb.render_judgment((1, 3, 4, 8, 4), p.answer, bad.marks, 0)
@@ -151,7 +155,7 @@ def test_judge_meta_and_pair_metrics_on_hand_cases():
         {"kind": "actor", "id": "y", "prompt": SORT, "chosen": "1 3", "rejected": "1 3 4 4 8"},
         {"kind": "judge", "id": "x", "prompt": "...", "chosen": good.text, "rejected": bad},
     ]
-    m = tb.pair_metrics(pairs, {"x": (SORT, "1 3 4 8 4")})
+    m = tbm.pair_metrics(pairs, {"x": (SORT, "1 3 4 8 4")})
     assert m["gold_gap"] == pytest.approx(((5 - 3) + (2 - 5)) / 2) and m["pair_precision"] == 0.5
     assert m["chosen_minus_rejected_chars"] == pytest.approx(((15 - 9) + (3 - 9)) / 2)
     assert m["judge_pair_precision"] == 1.0
@@ -167,7 +171,7 @@ def tokenizer(tmp_path_factory):
     cfg = _small()
     recs = tb.sft_records(cfg, 0, cfg.problems(0)[0])
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer")
-    tb.build_tokenizer(path, (m["content"] for r in recs for m in r["messages"]))
+    tbt.build_tokenizer(path, (m["content"] for r in recs for m in r["messages"]))
     return models.load_tokenizer(path), recs
 
 
@@ -179,7 +183,7 @@ def test_tokenizer_round_trips_and_keeps_templates_whole(tokenizer):
             assert tok.decode(tok.encode(m["content"])) == m["content"]
     odd = "Score: 4\n<<<RESPONSE>>> ünïcode ✓ 12"  # text the tiny model never saw still round-trips
     assert tok.decode(tok.encode(odd)) == odd
-    for piece in tb.template_pieces():
+    for piece in tbt.template_pieces():
         assert len(tok.encode(piece)) == 1
     eft = next(r for r in recs if r["kind"] == "eft")
     assert len(tok.apply_chat_template(eft["messages"][:1])) < 40
@@ -212,6 +216,7 @@ def test_one_method_one_iteration_end_to_end(tmp_path):
         cache_dir=str(tmp_path / "cache"), seed_training=dataclasses.replace(xt.SeedTraining(), steps=3),
         data=dataclasses.replace(_small(), eval_meta_pairs=2, eval_judge_problems=2, n_eval_problems=2),
         model=xt.ModelSize(hidden=32, layers=1, heads=2, mlp=64, max_positions=1024),
+        dpo=dataclasses.replace(xt.quick_config().dpo, batch_size=8),  # a multiple of the 8 test devices
     )
     out = str(tmp_path / "run")
     res = xt.run_testbed(cfg, out, command="test")
@@ -221,7 +226,7 @@ def test_one_method_one_iteration_end_to_end(tmp_path):
         assert key in rows[0] and key in rows[1]
     assert 0.0 <= rows[1]["actor_quality"] <= 1.0
     table = open(os.path.join(out, "table.md")).read()
-    assert "| Meta-Rewarding (LC) | 1 |" in table and "Findings:" in table
+    assert "| Meta-Rewarding (LC) | 1 |" in table and "Claims:" in table
     assert os.path.getsize(os.path.join(out, "testbed.png")) > 0
     assert json.load(open(os.path.join(out, "config.json")))["methods"] == ["meta_reward"]
     seed_path = xt.seed_dir(cfg, 0)
