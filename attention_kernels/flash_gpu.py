@@ -33,6 +33,24 @@ def _params(num_warps, num_stages, interpret):
     return dict(compiler_params=compat.triton_compiler_params(num_warps, num_stages), interpret=interpret)
 
 
+def _query_block_call(kernel_fn, q, k, q_seg, q_pos, *, block_q, block_kv, causal, scale, kv_len):
+    """What the forward and dQ launches share (each program owns one query block of one head):
+    ``(grid, in_specs of the row range, tile states, q, k, v and the id arrays, kernel, q_spec)``;
+    the dQ launch adds its ``do``/``lse``/``delta`` specs after v."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    n_ids = 2 * ((q_seg is not None) + (q_pos is not None))
+    q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, h, i: (bi, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, s, d), lambda bi, h, i: (bi, h // g, 0, 0))  # GQA: kv head h // G
+    head = [pl.BlockSpec((None, None, 2), lambda bi, h, i: (bi, i, 0)),
+            pl.BlockSpec((None, None, s // block_kv), lambda bi, h, i: (bi, i, 0)), q_spec, kv_spec, kv_spec]
+    ids = [pl.BlockSpec((None, block_q), lambda bi, h, i: (bi, i)), pl.BlockSpec((None, s), lambda bi, h, i: (bi, 0))] * (n_ids // 2)
+    kernel = functools.partial(kernel_fn, has_seg=q_seg is not None, has_pos=q_pos is not None, causal=causal,
+                               scale=scale, kv_len=kv_len, block_kv=block_kv, precision=tm.precision_for(q.dtype))
+    return (b, hq, t // block_q), head, ids, kernel, q_spec
+
+
 def _switch(state, tile, carry):
     """``tile(carry, masked)`` by state: SKIP returns the carry, PARTIAL masks, FULL does not."""
     return lax.switch(state, [lambda c: c, lambda c: tile(c, True), lambda c: tile(c, False)], carry)
@@ -46,6 +64,17 @@ def _row_mask(shape, seg, pos, q_rows, kv_rows, *, causal, kv_len, row0, col0):
                         q_seg=row(seg[0]), kv_seg=col(seg[1]), q_pos=row(pos[0]), kv_pos=col(pos[1]))
 
 
+def _key_tile(i, j, block_q, block_kv, seg, pos, masked, *, causal, kv_len):
+    """The rows of key block ``j`` and, for a PARTIAL tile (``masked``), the element mask of query
+    block ``i`` against them (forward and dQ programs, which own query block ``i``)."""
+    rows = pl.ds(pl.multiple_of(j * block_kv, block_kv), block_kv)
+    mask = None
+    if masked:
+        mask = _row_mask((block_q, block_kv), seg, pos, slice(None), rows, causal=causal, kv_len=kv_len,
+                         row0=i * block_q, col0=j * block_kv)
+    return rows, mask
+
+
 # ----------------------------------------------------------------------------------------- forward
 
 
@@ -57,11 +86,7 @@ def _fwd_kernel(rng_ref, st_ref, q_ref, k_ref, v_ref, *refs, has_seg, has_pos, c
 
     def body(j, carry):
         def tile(c, masked):
-            rows = pl.ds(pl.multiple_of(j * block_kv, block_kv), block_kv)
-            mask = None
-            if masked:
-                mask = _row_mask((block_q, block_kv), seg, pos, slice(None), rows, causal=causal, kv_len=kv_len,
-                                 row0=i * block_q, col0=j * block_kv)
+            rows, mask = _key_tile(i, j, block_q, block_kv, seg, pos, masked, causal=causal, kv_len=kv_len)
             s = tm.masked_scores(q, k_ref[rows, :], scale, mask, precision)
             return tm.online_softmax_step(s, v_ref[rows, :], *c, precision)
         return _switch(st_ref[j], tile, carry)
@@ -77,31 +102,17 @@ def _fwd_kernel(rng_ref, st_ref, q_ref, k_ref, v_ref, *refs, has_seg, has_pos, c
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, states, *, causal, scale, block_q, block_kv, kv_len, interpret,
             num_warps=None, num_stages=2):
     b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = hq // hkv
-    nq, nk = t // block_q, s // block_kv
-    ids = _ids(q_seg, kv_seg, q_pos, kv_pos)
-    in_specs = [
-        pl.BlockSpec((None, None, 2), lambda bi, h, i: (bi, i, 0)),
-        pl.BlockSpec((None, None, nk), lambda bi, h, i: (bi, i, 0)),
-        pl.BlockSpec((None, None, block_q, d), lambda bi, h, i: (bi, h, i, 0)),
-        pl.BlockSpec((None, None, s, d), lambda bi, h, i: (bi, h // g, 0, 0)),
-        pl.BlockSpec((None, None, s, d), lambda bi, h, i: (bi, h // g, 0, 0)),
-    ] + [pl.BlockSpec((None, block_q), lambda bi, h, i: (bi, i)), pl.BlockSpec((None, s), lambda bi, h, i: (bi, 0))] * (len(ids) // 2)
-    kernel = functools.partial(
-        _fwd_kernel, has_seg=q_seg is not None, has_pos=q_pos is not None, causal=causal, scale=scale,
-        kv_len=kv_len, block_kv=block_kv, precision=tm.precision_for(q.dtype),
-    )
+    grid, head, id_specs, kernel, q_spec = _query_block_call(
+        _fwd_kernel, q, k, q_seg, q_pos, block_q=block_q, block_kv=block_kv, causal=causal, scale=scale, kv_len=kv_len)
     return pl.pallas_call(
         kernel,
-        grid=(b, hq, nq),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, block_q, d), lambda bi, h, i: (bi, h, i, 0)),
-                   pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i))],
+        grid=grid,
+        in_specs=head + id_specs,
+        out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i))],
         out_shape=[compat.out_struct(q.shape, q.dtype, q, k, v), compat.out_struct((b, hq, t), jnp.float32, q, k, v)],
         name="flash_fwd_gpu",
         **_params(num_warps or (4 if d <= 64 else 8), num_stages, interpret),
-    )(row_ranges(states), states, q, k, v, *ids)
+    )(row_ranges(states), states, q, k, v, *_ids(q_seg, kv_seg, q_pos, kv_pos))
 
 
 # -------------------------------------------------------------------------------------------- dQ
@@ -116,11 +127,7 @@ def _dq_kernel(rng_ref, st_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
     def body(j, dq):
         def tile(acc, masked):
-            rows = pl.ds(pl.multiple_of(j * block_kv, block_kv), block_kv)
-            mask = None
-            if masked:
-                mask = _row_mask((block_q, block_kv), seg, pos, slice(None), rows, causal=causal, kv_len=kv_len,
-                                 row0=i * block_q, col0=j * block_kv)
+            rows, mask = _key_tile(i, j, block_q, block_kv, seg, pos, masked, causal=causal, kv_len=kv_len)
             k = k_ref[rows, :]
             _, ds = tm.backward_tile(q, k, v_ref[rows, :], do, lse, delta, scale, mask, precision)
             return tm.accumulate_dq(ds, k, acc, precision)
@@ -132,32 +139,19 @@ def _dq_kernel(rng_ref, st_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, states, *, causal, scale, block_q, block_kv, kv_len, interpret,
                 num_warps=None, num_stages=2):
-    b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = hq // hkv
-    nq, nk = t // block_q, s // block_kv
-    ids = _ids(q_seg, kv_seg, q_pos, kv_pos)
-    q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, h, i: (bi, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, s, d), lambda bi, h, i: (bi, h // g, 0, 0))
+    d = q.shape[3]
+    grid, head, id_specs, kernel, q_spec = _query_block_call(
+        _dq_kernel, q, k, q_seg, q_pos, block_q=block_q, block_kv=block_kv, causal=causal, scale=scale, kv_len=kv_len)
     row_spec = pl.BlockSpec((None, None, block_q), lambda bi, h, i: (bi, h, i))
-    in_specs = [
-        pl.BlockSpec((None, None, 2), lambda bi, h, i: (bi, i, 0)),
-        pl.BlockSpec((None, None, nk), lambda bi, h, i: (bi, i, 0)),
-        q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-    ] + [pl.BlockSpec((None, block_q), lambda bi, h, i: (bi, i)), pl.BlockSpec((None, s), lambda bi, h, i: (bi, 0))] * (len(ids) // 2)
-    kernel = functools.partial(
-        _dq_kernel, has_seg=q_seg is not None, has_pos=q_pos is not None, causal=causal, scale=scale,
-        kv_len=kv_len, block_kv=block_kv, precision=tm.precision_for(q.dtype),
-    )
     return pl.pallas_call(
         kernel,
-        grid=(b, hq, nq),
-        in_specs=in_specs,
+        grid=grid,
+        in_specs=head + [q_spec, row_spec, row_spec] + id_specs,
         out_specs=q_spec,
         out_shape=compat.out_struct(q.shape, q.dtype, q, k, v, do),
         name="flash_dq_gpu",
         **_params(num_warps or (4 if d <= 64 else 8), num_stages, interpret),
-    )(row_ranges(states), states, q, k, v, do, lse, delta, *ids)
+    )(row_ranges(states), states, q, k, v, do, lse, delta, *_ids(q_seg, kv_seg, q_pos, kv_pos))
 
 
 # ----------------------------------------------------------------------------------------- dK/dV

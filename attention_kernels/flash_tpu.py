@@ -55,6 +55,24 @@ def _id_specs(n_pairs, block_q, block_kv, q_block_index, kv_block_index):
     return [pl.BlockSpec((None, block_q, 1), q_map), pl.BlockSpec((None, 1, block_kv), kv_map)] * n_pairs
 
 
+def _query_block_call(kernel_fn, q, k, q_seg, q_pos, states, *, block_q, block_kv, causal, scale, kv_len):
+    """What the forward and dQ launches share (grid ``(B, Hq, T/bq, S/bkv)``, one query block of
+    one head per ``(b, h, i)``, key blocks fetched through the prefetched tile table):
+    ``(grid, info, q_spec, kv_spec, id_specs, kernel)``."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    fetch = lambda bi, i, j, ref: unpack_fetch(ref[bi, i, j])
+    n_pairs = (q_seg is not None) + (q_pos is not None)
+    q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, h, i, j, ref: (bi, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, block_kv, d), lambda bi, h, i, j, ref: (bi, h // g, fetch(bi, i, j, ref), 0))
+    id_specs = _id_specs(n_pairs, block_q, block_kv,
+                         lambda bi, h, i, j, ref: (bi, i), lambda bi, h, i, j, ref: (bi, fetch(bi, i, j, ref)))
+    kernel = functools.partial(kernel_fn, has_seg=q_seg is not None, has_pos=q_pos is not None, causal=causal,
+                               scale=scale, kv_len=kv_len, precision=tm.precision_for(q.dtype))
+    return (b, hq, t // block_q, s // block_kv), pack_fetch(states), q_spec, kv_spec, id_specs, kernel
+
+
 def _params(semantics, interpret):
     return dict(compiler_params=compat.tpu_compiler_params(semantics), interpret=interpret)
 
@@ -94,36 +112,20 @@ def _fwd_kernel(info_ref, q_ref, k_ref, v_ref, *refs, has_seg, has_pos, causal, 
 def forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, states, *, causal, scale, block_q, block_kv, kv_len, interpret):
     """(out ``[B, Hq, T, D]``, lse ``[B, Hq, T]`` f32)."""
     b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = hq // hkv
-    nq, nk = t // block_q, s // block_kv
-    info = pack_fetch(states)
-    fetch = lambda bi, i, j, ref: unpack_fetch(ref[bi, i, j])
-    ids = _id_operands(q_seg, kv_seg, q_pos, kv_pos)
-    in_specs = [
-        pl.BlockSpec((None, None, block_q, d), lambda bi, h, i, j, ref: (bi, h, i, 0)),
-        pl.BlockSpec((None, None, block_kv, d), lambda bi, h, i, j, ref: (bi, h // g, fetch(bi, i, j, ref), 0)),
-        pl.BlockSpec((None, None, block_kv, d), lambda bi, h, i, j, ref: (bi, h // g, fetch(bi, i, j, ref), 0)),
-        *_id_specs(len(ids) // 2, block_q, block_kv,
-                   lambda bi, h, i, j, ref: (bi, i), lambda bi, h, i, j, ref: (bi, fetch(bi, i, j, ref))),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, block_q, d), lambda bi, h, i, j, ref: (bi, h, i, 0)),
-        pl.BlockSpec((None, None, block_q, 1), lambda bi, h, i, j, ref: (bi, h, i, 0)),
-    ]
+    grid, info, q_spec, kv_spec, id_specs, kernel = _query_block_call(
+        _fwd_kernel, q, k, q_seg, q_pos, states, block_q=block_q, block_kv=block_kv, causal=causal, scale=scale,
+        kv_len=kv_len)
+    in_specs = [q_spec, kv_spec, kv_spec, *id_specs]
+    out_specs = [q_spec, pl.BlockSpec((None, None, block_q, 1), lambda bi, h, i, j, ref: (bi, h, i, 0))]
     scratch = [compat.vmem((block_q, 1), jnp.float32), compat.vmem((block_q, 1), jnp.float32),
                compat.vmem((block_q, d), jnp.float32)]
-    kernel = functools.partial(
-        _fwd_kernel, has_seg=q_seg is not None, has_pos=q_pos is not None, causal=causal, scale=scale,
-        kv_len=kv_len, precision=tm.precision_for(q.dtype),
-    )
     out, lse = pl.pallas_call(
         kernel,
-        grid_spec=compat.prefetch_grid_spec(1, (b, hq, nq, nk), in_specs, out_specs, scratch),
+        grid_spec=compat.prefetch_grid_spec(1, grid, in_specs, out_specs, scratch),
         out_shape=[compat.out_struct(q.shape, q.dtype, q, k, v), compat.out_struct((b, hq, t, 1), jnp.float32, q, k, v)],
         name="flash_fwd_tpu",
         **_params(("parallel", "parallel", "parallel", "arbitrary"), interpret),
-    )(info, q, k, v, *ids)
+    )(info, q, k, v, *_id_operands(q_seg, kv_seg, q_pos, kv_pos))
     return out, lse[..., 0]
 
 
@@ -156,30 +158,19 @@ def _dq_kernel(info_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
 
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, q_pos, kv_pos, states, *, causal, scale, block_q, block_kv, kv_len, interpret):
-    b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = hq // hkv
-    nq, nk = t // block_q, s // block_kv
-    info = pack_fetch(states)
-    fetch = lambda bi, i, j, ref: unpack_fetch(ref[bi, i, j])
-    ids = _id_operands(q_seg, kv_seg, q_pos, kv_pos)
-    q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, h, i, j, ref: (bi, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, block_kv, d), lambda bi, h, i, j, ref: (bi, h // g, fetch(bi, i, j, ref), 0))
+    d = q.shape[3]
+    grid, info, q_spec, kv_spec, id_specs, kernel = _query_block_call(
+        _dq_kernel, q, k, q_seg, q_pos, states, block_q=block_q, block_kv=block_kv, causal=causal, scale=scale,
+        kv_len=kv_len)
     row_spec = pl.BlockSpec((None, None, block_q, 1), lambda bi, h, i, j, ref: (bi, h, i, 0))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                *_id_specs(len(ids) // 2, block_q, block_kv,
-                           lambda bi, h, i, j, ref: (bi, i), lambda bi, h, i, j, ref: (bi, fetch(bi, i, j, ref)))]
-    kernel = functools.partial(
-        _dq_kernel, has_seg=q_seg is not None, has_pos=q_pos is not None, causal=causal, scale=scale,
-        kv_len=kv_len, precision=tm.precision_for(q.dtype),
-    )
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *id_specs]
     return pl.pallas_call(
         kernel,
-        grid_spec=compat.prefetch_grid_spec(1, (b, hq, nq, nk), in_specs, q_spec, [compat.vmem((block_q, d), jnp.float32)]),
+        grid_spec=compat.prefetch_grid_spec(1, grid, in_specs, q_spec, [compat.vmem((block_q, d), jnp.float32)]),
         out_shape=compat.out_struct(q.shape, q.dtype, q, k, v, do),
         name="flash_dq_tpu",
         **_params(("parallel", "parallel", "parallel", "arbitrary"), interpret),
-    )(info, q, k, v, do, lse[..., None], delta[..., None], *ids)
+    )(info, q, k, v, do, lse[..., None], delta[..., None], *_id_operands(q_seg, kv_seg, q_pos, kv_pos))
 
 
 # ----------------------------------------------------------------------------------------- dK/dV

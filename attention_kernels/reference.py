@@ -91,6 +91,7 @@ def masked_attention(q: Array, k: Array, v: Array, mask_bts: Array, sm_scale: Op
     return out.reshape(b, t, hq, d), lse.reshape(b, hq, t)
 
 
+# Same keyword arguments as ``flash_attention`` (without its tuning knobs): tests call both alike.
 def attention_reference(
     q: Array,
     k: Array,
@@ -130,6 +131,7 @@ def decode_mask(
     return valid
 
 
+# Same keyword arguments as ``decode_attention`` (without its tuning knobs): tests call both alike.
 def decode_reference(
     q: Array,
     k_cache: Array,
