@@ -7,7 +7,9 @@ Writes ``<out>/config.json`` (the resolved config), ``<out>/metrics.jsonl`` (one
 ``<out>/checkpoints/<step>/`` (orbax) and, at the end, ``<out>/model/`` (Hugging Face format,
 loadable with ``models.load_model``); the training itself is ``metajudge.trainer.train_loop``.
 ``--resume`` continues from the latest checkpoint with the same parameters, optimizer state, RNG and
-data order as an uninterrupted run.
+data order as an uninterrupted run (a changed training setting is refused, naming it);
+``--restart`` deletes what an earlier run left in ``--out`` and starts over. A run holds the lock of
+``--out`` until it ends: a second run on the same directory stops at once, naming the first.
 
 Presets (``--preset``):
   ``smollm2``  the embedded SmolLM2-135M-Instruct and its tokenizer (the default);
@@ -20,13 +22,17 @@ exported ``<out>/model``, a checkpoint directory, a hub id); ``--set tokenizer=S
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import models
 from experiments.cli import UsageError, apply_overrides, run_main
 from metajudge.data import DataError, build_sft_examples, read_jsonl
-from metajudge.trainer import RunConfig, check_data_file, check_out_dir, resolve_mesh, train_loop
+from metajudge.trainer import RunConfig, check_data_file, check_out_dir, clear_run_outputs, resolve_mesh, train_loop
+from models.distributed import is_primary
+from models.files import DirLock
 from models.sources import TINY_MODEL, load_model_and_tokenizer
 
 PRESET_NAMES = ("smollm2", "tiny")
@@ -72,15 +78,46 @@ def parse_args(prog: str, description: str, argv: Optional[Sequence[str]]) -> ar
                     "settings it was written with: a changed setting is an error naming it)")
     ap.add_argument("--resume-changed", action="store_true",
                     help="SFT: like --resume, but continue even when training settings changed (e.g. more steps)")
+    ap.add_argument("--restart", action="store_true",
+                    help="start over in --out: delete the checkpoints, metrics, reference log-probs and model an earlier "
+                    "run left there (e.g. one that --resume refuses because its settings changed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field by dotted name, e.g. train.learning_rate=2e-5 (repeatable)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.restart and (args.resume or args.resume_changed):
+        ap.error("--restart starts over; it cannot be combined with --resume or --resume-changed")
+    return args
+
+
+@contextlib.contextmanager
+def run_directory(out: str, restart: bool) -> Iterator[None]:
+    """Holds the lock of ``out`` (``models.files.DirLock``, process 0) for a command's whole run,
+    so that a second run on the same directory stops at once naming the holder; with ``restart``,
+    first deletes what an earlier run wrote there (``metajudge.trainer.clear_run_outputs``)."""
+    if not out:
+        raise UsageError("no output directory: pass --out DIR")
+    lock = DirLock(out)
+    if is_primary():
+        os.makedirs(out, exist_ok=True)
+        lock.acquire()
+    try:
+        if restart:
+            gone = clear_run_outputs(out)
+            if gone:
+                print(f"{out}: --restart deleted {', '.join(gone)}", file=sys.stderr)
+        yield
+    finally:
+        lock.release()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args("python -m experiments.sft", "Supervised fine-tuning (the seed model).", argv)
     run = apply_overrides(RunConfig(preset=args.preset, data=args.data, out=args.out), args.set)
-    state = train_sft(run, resume=args.resume or args.resume_changed, allow_changed_settings=args.resume_changed)
+    if run.preset not in PRESET_NAMES:
+        raise UsageError(f"unknown preset {run.preset!r}; known: {', '.join(PRESET_NAMES)}")
+    check_data_file(run.data)  # before --out is created or touched
+    with run_directory(run.out, args.restart):
+        state = train_sft(run, resume=args.resume or args.resume_changed, allow_changed_settings=args.resume_changed)
     print(f"sft: {int(state.step)} steps; outputs in {run.out}", file=sys.stderr)
     return 0
 

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import zlib
@@ -102,7 +103,30 @@ def check_out_dir(out: str, resume: bool) -> None:
     ckpts = os.path.join(out, "checkpoints")
     steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
     if steps and not resume:
-        raise UsageError(f"{out} already holds checkpoints (last: step {steps[-1]}); pass --resume or choose a new --out")
+        raise UsageError(f"{out} already holds checkpoints (last: step {steps[-1]}); pass --resume to continue it, --restart to start over, or a new --out")
+
+
+# What a training run writes into its ``--out`` (train_loop, reference_pairs): all of it goes on --restart.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "model", REF_FILE,
+               REF_FILE + ".settings.json")
+
+
+def clear_run_outputs(out: str) -> list[str]:
+    """Deletes what an earlier training run wrote into ``out`` (``RUN_OUTPUTS``; other files stay)
+    so that the next run starts from scratch (the commands' ``--restart``); returns the names
+    deleted. Process 0 deletes; the other processes wait for it."""
+    gone = []
+    if is_primary():
+        for name in RUN_OUTPUTS:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+            else:
+                continue
+            gone.append(name)
+    return broadcast_json(gone if is_primary() else None)
 
 
 def check_data_file(path: str) -> None:
@@ -166,7 +190,7 @@ def check_resumed_settings(out: str, stored: Optional[dict], now: dict, key_pref
     diff = describe_differences({key_prefix.rstrip("."): a} if key_prefix else a,
                                 {key_prefix.rstrip("."): b} if key_prefix else b)
     raise UsageError(f"{out}: its checkpoints were written with other settings ({diff}); resume with the same "
-                     "settings, delete its checkpoints to start over (the loop: --restart-changed), or use a new --out")
+                     "settings, start over with --restart (the loop: --restart-changed), or use a new --out")
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -291,7 +315,7 @@ def reference_pairs(model: Any, tokenizer: Any, pairs_jsonl: str, run: DPORunCon
             diff = describe_differences({key_prefix.rstrip(".") or "run": stored},
                                         {key_prefix.rstrip(".") or "run": ref_settings})
             raise UsageError(f"{ref_path}: the reference log-probs were computed for other pairs or settings ({diff}); "
-                             "delete it to recompute them (the loop: --restart-changed), or use a new --out")
+                             "start over with --restart (the loop: --restart-changed), or use a new --out")
         records, _ = read_jsonl(ref_path, kind="dpo", on_error="raise")
         return build(records)
     records, _ = read_jsonl(pairs_jsonl, kind="dpo")

@@ -296,3 +296,94 @@ def test_resume_with_a_changed_setting_is_refused_naming_the_key(runs, sft_cli):
     assert last.startswith("error: ") and "train.learning_rate: 0.001 (stored) vs 0.002 (now)" in last, last
     assert (run / "config.json").read_text() == before  # the refusing run changed nothing
     assert CheckpointManager(str(run / "checkpoints")).all_steps() == [2]
+
+
+def test_restart_deletes_the_earlier_run_and_trains_from_scratch(runs, sft_cli):
+    straight, split = runs
+    run = split.parent / "restarted"
+    shutil.copytree(split, run)
+    shutil.rmtree(run / "checkpoints" / "4")  # as if killed after step 2
+    (run / "notes.txt").write_text("the user's own file")
+    rc, err = sft_cli(run, "--restart", "--set", "train.learning_rate=2e-3")
+    assert rc == 0, err
+    assert f"{run}: --restart deleted checkpoints, metrics.jsonl, tensorboard, config.json, model" in err
+    assert "resumed from" not in err and (run / "notes.txt").read_text() == "the user's own file"
+    assert json.loads((run / "config.json").read_text())["run"]["train"]["learning_rate"] == 2e-3
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
+    assert CheckpointManager(str(run / "checkpoints")).all_steps() == [4]  # the old step 2 is gone
+    # From scratch: step 1 sees the initial weights, as in the straight run (same seed and data order).
+    np.testing.assert_allclose(read_metrics(run)[0]["loss"], read_metrics(straight)[0]["loss"], rtol=1e-6)
+
+
+def test_restart_and_resume_together_are_refused(tmp_path, sft_cli):
+    rc, err = sft_cli(tmp_path / "o", "--restart", "--resume")
+    assert rc == 2 and "--restart starts over; it cannot be combined with --resume" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_second_command_on_a_locked_out_exits_2_and_touches_nothing(tmp_path, sft_cli):
+    from models.files import DirLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # the first run's state
+    with DirLock(str(out)):  # this process plays the first run
+        rc, err = sft_cli(out, "--restart")  # even --restart must not delete a live run's files
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"is in use by another run (pid {os.getpid()} on host" in last, last
+    assert sorted(os.listdir(out)) == [".lock", "metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_clear_run_outputs_deletes_exactly_what_a_run_writes(tmp_path):
+    from metajudge.trainer import REF_FILE, RUN_OUTPUTS, clear_run_outputs
+
+    for name in ("checkpoints/2", "tensorboard", "model"):
+        (tmp_path / name).mkdir(parents=True)
+    for name in ("metrics.jsonl", "config.json", REF_FILE, REF_FILE + ".settings.json", "pairs.jsonl", ".lock"):
+        (tmp_path / name).write_text("x")
+    assert clear_run_outputs(str(tmp_path)) == list(RUN_OUTPUTS)
+    assert sorted(os.listdir(tmp_path)) == [".lock", "pairs.jsonl"]  # the input pairs and the lock stay
+    assert clear_run_outputs(str(tmp_path)) == []
+
+
+@pytest.fixture(scope="module")
+def dpo_cli(tmp_path_factory, tokenizer_dir):
+    """Runs ``python -m experiments.dpo`` (tiny preset, 2 steps) on one CPU device."""
+    rng = np.random.default_rng(1)
+    words = "a clear answer names the facts and a poor one rambles on about nothing".split()
+    say = lambda: " ".join(rng.choice(words, size=int(rng.integers(3, 10))))
+    pairs = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": say(), "chosen": say(), "rejected": say()}) + "\n" for _ in range(8)))
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    def run(out, *extra) -> tuple[int, str]:
+        args = [sys.executable, "-m", "experiments.dpo", "--preset", "tiny", "--data", str(pairs), "--out", str(out),
+                "--set", f"tokenizer={tokenizer_dir}", "--set", "train.total_steps=2", "--set", "batch_size=2",
+                "--set", "max_len=48", "--set", "train.learning_rate=1e-3", "--set", "train.warmup_steps=1", *extra]
+        proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stderr
+
+    return run
+
+
+def test_dpo_resume_with_changed_settings_is_refused_and_restart_redoes_it(tmp_path, dpo_cli):
+    out = tmp_path / "dpo"
+    rc, err = dpo_cli(out, "--set", "stop_after=1")
+    assert rc == 0, err
+    ref = (out / "pairs_ref.jsonl").read_text()
+    rc, err = dpo_cli(out, "--resume", "--set", "max_len=40")  # other reference log-probs
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "reference log-probs were computed for other pairs or settings (run.max_len: 48 (stored) vs 40 (now))" in last
+    assert "--restart" in last and (out / "pairs_ref.jsonl").read_text() == ref  # refused, untouched
+    rc, err = dpo_cli(out, "--resume", "--set", "train.learning_rate=2e-3")  # other training settings
+    assert rc == 2 and "train.learning_rate: 0.001 (stored) vs 0.002 (now)" in err.strip().splitlines()[-1], err
+    assert CheckpointManager(str(out / "checkpoints")).all_steps() == [1]
+    rc, err = dpo_cli(out, "--restart", "--set", "train.learning_rate=2e-3")
+    assert rc == 0, err
+    assert "--restart deleted checkpoints" in err and "pairs_ref.jsonl" in err
+    assert json.loads((out / "config.json").read_text())["run"]["train"]["learning_rate"] == 2e-3
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert (out / "model" / "config.json").exists()
