@@ -30,6 +30,7 @@ import sys
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -140,13 +141,23 @@ class CheckpointManager:
         first_error: Optional[BaseException] = None
         bad: list[int] = []
         for step in reversed(steps):
+            error: Optional[BaseException] = None
             try:
                 restored = self.restore(step, abstract_train_state, mesh)
             except Exception as e:  # orbax/tensorstore raise many kinds; any failure means unreadable
-                first_error = first_error or e
-                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                print(f"warning: checkpoint {self.directory}/{step} does not read back ({type(e).__name__}: {msg}); "
-                      "skipping it", file=sys.stderr)
+                error = e
+            # Each process reads its own shards: a step is used only when every process read it, so
+            # that all of them resume from the same step (one process's missing file skips it for all).
+            failed = np.flatnonzero(distributed.process_gather(np.int32(error is not None)))
+            if failed.size:
+                if error is not None:
+                    first_error = first_error or error
+                    msg = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                    why = f"{type(error).__name__}: {msg}"
+                else:
+                    why = f"process(es) {', '.join(map(str, failed))} could not read their part"
+                print(f"warning: checkpoint {self.directory}/{step} does not read back ({why}); skipping it",
+                      file=sys.stderr)
                 bad.append(step)
                 continue
             if bad:  # unreadable and newer than the one resumed from: the steps are trained again

@@ -267,6 +267,27 @@ def test_restore_falls_back_to_the_newest_checkpoint_that_reads_back(tmp_path, h
     assert f"checkpoint {tmp_path}/2 does not read back" in err and "skipping it" in err
 
 
+def test_a_step_another_process_cannot_read_is_skipped_by_every_process(tmp_path, capsys, monkeypatch):
+    """Multi-process runs: each process reads its own shards, so all must agree on the step. Here
+    this process reads step 2 fine while (simulated) process 1 fails on it: all resume from step 1."""
+    from models import distributed
+
+    model, cfg, s1 = trained_state(steps=1)
+    _, _, s2 = trained_state(steps=2)
+    with CheckpointManager(str(tmp_path), keep=3) as ckpt:
+        ckpt.save(1, s1, {"next_index": 1})
+        ckpt.save(2, s2, {"next_index": 2})
+    answers = iter([np.array([0, 1]), np.array([0, 0])])  # step 2: process 1 failed; step 1: both read it
+    monkeypatch.setattr(distributed, "process_gather", lambda flag: next(answers))
+    with CheckpointManager(str(tmp_path), keep=3) as ckpt:
+        r = ckpt.restore_latest_good(abstract_train_state(model, cfg))
+        assert r.step == 1 and r.data_state == {"next_index": 1}
+        for a, b in zip(leaves(s1), leaves(r.state)):
+            np.testing.assert_array_equal(a, b)
+    err = capsys.readouterr().err
+    assert f"checkpoint {tmp_path}/2 does not read back (process(es) 1 could not read their part); skipping it" in err
+
+
 def test_resume_past_a_corrupt_newest_checkpoint_equals_the_straight_run(runs, sft_cli):
     straight, split = runs  # split holds checkpoints 2 and 4
     run = straight.parent / "corrupt"
