@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +77,31 @@ def test_bad_preset_is_one_line_without_traceback(tmp_path):
     res = _run(tmp_path, "--set", "actor.n=many", timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "actor.n=many: expected an integer" in res.stderr
+
+
+def test_two_concurrent_runs_on_one_out_the_second_stops_the_first_is_unharmed(straight_run, tmp_path):
+    """Two real processes on one --out: the second exits 2 naming the first, which finishes with the
+    same pairs and metrics as a run that was alone."""
+    out = tmp_path / "shared"
+    first = subprocess.Popen([*CMD, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "iter_1" / "generate").exists():  # the first holds the lock and is working
+            assert first.poll() is None and time.time() < deadline, "the first run ended or stalled before generating"
+            time.sleep(0.2)
+        second = _run(out, timeout=120)
+        err = [line for line in second.stderr.strip().splitlines() if line.strip()]
+        assert second.returncode == 2 and "Traceback" not in second.stderr and len(err) == 1, second.stderr[-3000:]
+        assert err[0].startswith("error: ") and f"is in use by another run (pid {first.pid} on host" in err[0], err
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr[-3000:]
+    assert _pairs(out) == _pairs(straight_run[0])
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k and not k.endswith("_s")} for r in rows]
+    assert strip(json.loads((out / "metrics.json").read_text())) == strip(
+        json.loads((straight_run[0] / "metrics.json").read_text()))
+    with open(out / "iter_1" / "dpo" / "metrics.jsonl") as a, open(straight_run[0] / "iter_1" / "dpo" / "metrics.jsonl") as b:
+        assert [json.loads(x)["step"] for x in a] == [json.loads(x)["step"] for x in b]
