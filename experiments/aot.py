@@ -18,7 +18,9 @@ and prints one row per program: compile seconds, per-device bytes (arguments, ou
 temporaries, generated code, total), the chip's HBM, whether it fits and by how much, the number
 of Pallas (Mosaic) kernel calls in the compiled program, and the collectives per step (count and
 bytes of all-gather, reduce-scatter, all-reduce, all-to-all, from the compiled HLO). ``--out DIR``
-writes the rows to ``DIR/aot.json``. The compiler plans for the HBM it has, so read "fits", not
+writes the rows to ``DIR/aot.json``. ``--suggest`` compiles a program that does not fit again
+with more gradient accumulation, remat, or a smaller reference batch, and names the first
+setting that fits (or says none of those tried does). The compiler plans for the HBM it has, so read "fits", not
 the bytes, as the verdict; this is a compile-time result, not a run on a TPU.
 
 Not compiled yet: the sampler (prefill and decode) and the judges' score readouts, which take
@@ -45,7 +47,7 @@ from experiments.configs import LoopConfig, get_preset, resolve
 from metajudge.stages import write_json_atomic
 from metajudge.train import TrainStep, _pair_scorer, abstract_train_state
 from models.llama import Llama, LlamaConfig, get_config
-from models.sharding import ShardingContext, make_mesh, state_shardings
+from models.sharding import ShardingContext, data_parallel_size, make_mesh, state_shardings
 
 GiB = 1 << 30
 
@@ -209,12 +211,61 @@ def table(rows: Sequence[dict]) -> str:
         fits = "yes" if r["fits"] else f"no ({_gib(-r['margin_bytes'])} GiB over)"
         lines.append("| " + " | ".join([r["program"], str(r["compile_s"]), _gib(r["argument_bytes"]), _gib(r["temp_bytes"]),
                                           _gib(r["total_bytes"]), _gib(r["hbm_bytes"]), fits, str(r["pallas_calls"]), *coll]) + " |")
+    for r in rows:
+        sug = r.get("suggestion")
+        if sug is None:
+            continue
+        if sug["set"]:
+            lines.append(f"\n{r['program']} fits with --set {' --set '.join(sug['set'])}: "
+                         f"{_gib(sug['total_bytes'])} GiB, {_gib(sug['margin_bytes'])} GiB to spare")
+        else:
+            tried = "; ".join(" ".join(t["set"]) for t in sug["tried"]) or "no setting to try"
+            lines.append(f"\n{r['program']}: no tried setting makes it fit ({tried}); a larger slice or a "
+                         "wider fsdp axis (--set mesh=...) is left")
     return "\n".join(lines)
 
 
+def candidate_settings(name: str, cfg: LoopConfig, mesh: Any, limit: int = 8) -> list[list[str]]:
+    """``--set`` lists that lower a program's memory, tried in order when it does not fit: for the
+    train steps, gradient accumulation doubled (while the batch divides), then remat; for the
+    reference pass, ``dpo.ref_batch_size`` halved (while a multiple of ``data*fsdp``)."""
+    dp = data_parallel_size(mesh)
+    out: list[list[str]] = []
+    if name in ("dpo_step", "sft_step"):
+        accum = cfg.dpo.train.grad_accum_steps * 2
+        while len(out) < limit and cfg.dpo.batch_size % (dp * accum) == 0:
+            out.append([f"dpo.train.grad_accum_steps={accum}"])
+            accum *= 2
+        if not cfg.remat and len(out) < limit:
+            out.append(["remat=true"])
+    elif name == "reference_logps":
+        rows = cfg.dpo.ref_batch_size // 2
+        while len(out) < limit and rows >= dp and rows % dp == 0:
+            out.append([f"dpo.ref_batch_size={rows}"])
+            rows //= 2
+    return out
+
+
+def suggest(name: str, cfg: LoopConfig, mesh: Any, hbm: float) -> dict[str, Any]:
+    """Compiles ``name`` under each of :func:`candidate_settings` until one fits: ``{"set": [...],
+    "total_bytes": ..., "margin_bytes": ...}`` for the first that does, or ``{"set": None,
+    "tried": [...]}``."""
+    tried = []
+    for extra in candidate_settings(name, cfg, mesh):
+        variant = resolve(apply_overrides(cfg, extra))
+        print(f"  trying {name} with --set {' --set '.join(extra)} ...", file=sys.stderr)
+        row = compile_program(name, programs(variant, mesh)[name], hbm)
+        tried.append({"set": extra, "fits": row["fits"], "total_bytes": row.get("total_bytes")})
+        if row["fits"]:
+            return {"set": extra, "total_bytes": row["total_bytes"], "margin_bytes": row["margin_bytes"], "tried": tried}
+    return {"set": None, "tried": tried}
+
+
 def run(preset: str, topology: str, overrides: Sequence[str] = (), only: Optional[Sequence[str]] = None,
-        out: Optional[str] = None) -> list[dict]:
-    """Compiles the preset's programs for the topology; returns the rows (and writes ``out/aot.json``)."""
+        out: Optional[str] = None, suggest_fit: bool = False) -> list[dict]:
+    """Compiles the preset's programs for the topology; returns the rows (and writes ``out/aot.json``).
+    With ``suggest_fit``, a program that does not fit is compiled again under the settings of
+    :func:`candidate_settings` and its row gets ``suggestion`` (:func:`suggest`)."""
     cfg = resolve(apply_overrides(get_preset(preset, "meta_reward"), list(overrides)))
     devices, hbm = topology_devices(topology)
     try:
@@ -230,7 +281,10 @@ def run(preset: str, topology: str, overrides: Sequence[str] = (), only: Optiona
         if only and name not in only:
             continue
         print(f"compiling {name} for {topology} ...", file=sys.stderr)
-        rows.append({"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), **compile_program(name, fn, hbm)})
+        row = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), **compile_program(name, fn, hbm)}
+        if suggest_fit and not row["fits"]:
+            row["suggestion"] = suggest(name, cfg, mesh, hbm)
+        rows.append(row)
     if out:
         write_json_atomic(os.path.join(out, "aot.json"), {"preset": preset, "topology": topology, "set": list(overrides),
                                                           "config": dataclasses.asdict(cfg), "programs": rows})
@@ -245,8 +299,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a loop setting")
     ap.add_argument("--programs", nargs="+", default=None, help="compile only these (default: all)")
     ap.add_argument("--out", default=None, help="write DIR/aot.json")
+    ap.add_argument("--suggest", action="store_true", help="for a program that does not fit, compile it again with "
+                    "more gradient accumulation, remat, or a smaller reference batch, and say which setting fits")
     args = ap.parse_args(argv)
-    rows = run(args.preset, args.topology, args.set, args.programs, args.out)
+    rows = run(args.preset, args.topology, args.set, args.programs, args.out, suggest_fit=args.suggest)
     print(table(rows))
     return 0 if all(r["compiled"] for r in rows) else 1
 

@@ -1,6 +1,6 @@
 """`python -m experiments.aot`: the tiny preset compiled for real TPU topologies on a CPU host.
 
-Needs libtpu (the `tpu` extra); skipped without it. Each compile runs in a subprocess with
+The compiles need libtpu (the `tpu` extra) and are skipped without it; the pure helpers run everywhere. Each compile runs in a subprocess with
 ``TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu``, as the command's documentation says to run it.
 """
 
@@ -16,8 +16,8 @@ import pytest
 
 from experiments.aot import collectives
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason='libtpu not installed (pip install -e ".[tpu]")')
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='libtpu not installed (pip install -e ".[tpu]")')
 ENV = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "XLA_FLAGS": ""}
 
 
@@ -29,6 +29,7 @@ def _aot(tmp_path, topology, *args):
     return res, rows
 
 
+@needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e-4", "v4-8"])
 def test_every_program_compiles_with_the_pallas_kernels_and_reports_memory(tmp_path, topology):
     res, rows = _aot(tmp_path, topology, "--set", "attention_impl=pallas")
@@ -43,6 +44,7 @@ def test_every_program_compiles_with_the_pallas_kernels_and_reports_memory(tmp_p
     assert "| dpo_step |" in res.stdout
 
 
+@needs_libtpu
 def test_auto_on_a_tpu_mesh_builds_mosaic_kernels_and_xla_builds_none(tmp_path):
     res, rows = _aot(tmp_path, "v5e-4", "--set", "attention_impl=auto", "--programs", "reference_logps")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -51,6 +53,7 @@ def test_auto_on_a_tpu_mesh_builds_mosaic_kernels_and_xla_builds_none(tmp_path):
     assert res.returncode == 0 and rows[0]["pallas_calls"] == 0
 
 
+@needs_libtpu
 def test_a_batch_too_large_for_the_chip_is_reported_as_not_fitting(tmp_path):
     res, rows = _aot(tmp_path, "v5e-4", "--programs", "reference_logps", "--set", "dpo.ref_batch_size=8192",
                      "--set", "dpo.max_len=4096")
@@ -61,6 +64,7 @@ def test_a_batch_too_large_for_the_chip_is_reported_as_not_fitting(tmp_path):
     assert "| reference_logps |" in res.stdout and "no" in res.stdout
 
 
+@needs_libtpu
 def test_unknown_topology_is_one_readable_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "experiments.aot", "--preset", "tiny", "--topology", "v9-1"],
                          env=ENV, capture_output=True, text=True, timeout=300)
@@ -78,3 +82,31 @@ def test_collectives_are_counted_with_their_result_bytes():
     assert c["all-gather"] == {"count": 2, "bytes": 8 * 1024 * 2 + (2 + 16) * 2}
     assert c["all-reduce"] == {"count": 1, "bytes": 16 * 4 + 16 * 4}
     assert c["reduce-scatter"] == {"count": 0, "bytes": 0}
+
+
+@needs_libtpu
+def test_suggest_names_the_first_setting_that_fits(tmp_path):
+    res, rows = _aot(tmp_path, "v5e-4", "--programs", "reference_logps", "--set", "dpo.ref_batch_size=8192",
+                     "--set", "dpo.max_len=4096", "--suggest")
+    assert res.returncode == 1  # the program as asked still does not fit
+    (row,) = rows
+    sug = row["suggestion"]
+    assert not row["fits"] and sug["set"] is not None and sug["margin_bytes"] > 0
+    assert [t["fits"] for t in sug["tried"]][-1] and not any(t["fits"] for t in sug["tried"][:-1])
+    sizes = [int(t["set"][0].split("=")[1]) for t in sug["tried"]]
+    assert sizes == [4096 >> i for i in range(len(sizes))]  # halved each time, first fit kept
+    assert f"reference_logps fits with --set {sug['set'][0]}" in res.stdout
+
+
+def test_candidate_settings_keep_the_batch_divisible():
+    import dataclasses
+
+    from experiments.aot import candidate_settings
+    from experiments.configs import get_preset, resolve
+
+    cfg = resolve(get_preset("tiny", "meta_reward"))
+    cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, batch_size=8, ref_batch_size=12))
+    mesh = type("M", (), {"shape": {"data": 1, "fsdp": 2, "tensor": 1}})()
+    assert candidate_settings("dpo_step", cfg, mesh) == [["dpo.train.grad_accum_steps=2"], ["dpo.train.grad_accum_steps=4"],
+                                                         ["remat=true"]]
+    assert candidate_settings("reference_logps", cfg, mesh) == [["dpo.ref_batch_size=6"]]  # 3 is not a multiple of 2
