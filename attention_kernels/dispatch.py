@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from attention_kernels import compat
 from attention_kernels.decode_attention import combine_splits, decode_attention
@@ -183,8 +184,6 @@ def sharded_attention(
     names, or None), query and KV heads over ``head_axis`` (None when the KV heads do not divide:
     the groups of a grouped-query layer must stay whole on one device).
     """
-    from jax.sharding import PartitionSpec as P
-
     target = compat.platform(mesh)  # the mesh's devices decide, not the host's default backend
     interp = target not in compat.BACKENDS if interpret is None else bool(interpret)
     rows = P(batch_axes, None)

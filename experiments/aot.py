@@ -45,8 +45,9 @@ from flax import nnx
 from experiments.cli import UsageError, apply_overrides, run_main
 from experiments.configs import LoopConfig, get_preset, resolve
 from metajudge.stages import write_json_atomic
-from metajudge.train import TrainStep, _pair_scorer, abstract_train_state
+from metajudge.train import TrainStep, _pair_scorer, abstract_train_state, batch_sharding
 from models.llama import Llama, LlamaConfig, get_config
+from models.loading import config_from_hf
 from models.sharding import ShardingContext, data_parallel_size, make_mesh, state_shardings
 
 GiB = 1 << 30
@@ -91,8 +92,6 @@ def model_config(cfg: LoopConfig, vocab_size: int = 49152) -> LlamaConfig:
     if cfg.model == "tiny":
         return get_config("tiny", vocab_size=vocab_size, max_position_embeddings=4096, **options)
     if os.path.isfile(os.path.join(cfg.model, "config.json")):
-        from models.loading import config_from_hf
-
         with open(os.path.join(cfg.model, "config.json")) as f:
             return config_from_hf(json.load(f), source=cfg.model).replace(**options)
     if cfg.model not in _ARCH:
@@ -112,8 +111,6 @@ def abstract_model(config: LlamaConfig, mesh: Any) -> Llama:
 
 
 def _batch(mesh: Any, rows: int, length: int, fields: Sequence[str]) -> dict[str, jax.ShapeDtypeStruct]:
-    from metajudge.train import batch_sharding
-
     sh = batch_sharding(mesh)
     out = {}
     for f in fields:

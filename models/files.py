@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import sys
+import time
 import uuid
 from typing import IO, Any, Callable
 
@@ -117,10 +120,6 @@ class DirLock:
             import fcntl
         except ImportError:  # pragma: no cover
             return self
-        import socket
-        import sys
-        import time
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

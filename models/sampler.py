@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from models.buckets import DEFAULT_BUCKETS, Buckets, _check_prompts, _round_up, bucket
 from models.decode_cache import _cache_axes, _cache_rows, _grow_fn
@@ -266,8 +267,6 @@ def generate_text(
     small; each sequence's random stream is fixed by its position in ``conversations``, so the
     replies do not depend on ``batch_size``. Stops at the tokenizer's EOS ids unless ``stop_ids``.
     """
-    from tqdm.auto import tqdm
-
     prompts = []
     for conv in conversations:
         ids = tokenizer.apply_chat_template(list(conv), add_generation_prompt=True)

@@ -7,9 +7,12 @@ ids, and ``vocab_size``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any, Optional, Sequence
 
 from models import gguf_tokenizer
@@ -208,10 +211,6 @@ def _gguf_tokenizer(path: str) -> Any:
     file's path, size and modification time and by the ``tokenizers`` version, and later loads read
     that (~0.3 s). A cache that cannot be written is skipped with a log line.
     """
-    import hashlib
-    import shutil
-    import tempfile
-
     import tokenizers
     from transformers import PreTrainedTokenizerFast
 
