@@ -37,7 +37,8 @@ import numpy as np
 
 import models
 from benchmarks.results import emit
-from metajudge.train import TrainConfig, compute_reference_logps, first_loss_position, init_train_state, make_dpo_step
+from metajudge.train import compute_reference_logps, first_loss_position, make_dpo_step
+from metajudge.train_state import TrainConfig, init_train_state
 from models.llama import get_config
 from models.loading import embedded_gguf_path
 

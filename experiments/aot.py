@@ -45,7 +45,8 @@ from flax import nnx
 from experiments.cli import UsageError, apply_overrides, run_main
 from experiments.configs import LoopConfig, get_preset, resolve
 from metajudge.stages import write_json_atomic
-from metajudge.train import TrainStep, _pair_scorer, abstract_train_state, batch_sharding
+from metajudge.train import TrainStep, _pair_scorer, batch_sharding
+from metajudge.train_state import abstract_train_state
 from models.llama import Llama, LlamaConfig, get_config
 from models.loading import config_from_hf
 from models.sharding import ShardingContext, data_parallel_size, make_mesh, state_shardings

@@ -9,7 +9,7 @@
 - :class:`RunInfo`: what the evaluation reads back from a run's ``config.json``.
 - The presets :func:`tiny`, :func:`smollm2_cpu`, :func:`llama3_8b_paper` (:func:`get_preset`).
 - The DPO settings are the training library's own ``metajudge.trainer.DPORunConfig`` (with
-  ``metajudge.train.TrainConfig``).
+  ``metajudge.train_state.TrainConfig``).
 
 Every field can be set with ``--set dotted.name=value`` (``experiments.cli.apply_overrides``),
 except the DPO settings the loop derives (:data:`DPO_DERIVED`): a ``--set`` of one of those is a
@@ -28,7 +28,7 @@ from experiments.cli import UsageError, config_dict
 from metajudge import meta_judge as mj
 from metajudge.pairs import Tiebreak
 from metajudge.roles import Sampling
-from metajudge.train import TrainConfig
+from metajudge.train_state import TrainConfig
 from metajudge.trainer import DPORunConfig
 from models.sharding import data_parallel_size
 from models.sources import TINY_MODEL

@@ -47,7 +47,7 @@ from metajudge import testbed_tokenizer as tbt
 from metajudge.data import build_sft_examples, sft_tokens
 from metajudge.roles import Sampling, act, judge, meta_judge, shard_rng
 from metajudge.stages import Stage, fingerprint, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from metajudge.train import TrainConfig
+from metajudge.train_state import TrainConfig
 from metajudge.trainer import DPORunConfig, RunConfig, resolve_mesh, train_loop
 from models import create_model, load_tokenizer
 from models.sources import load_model_and_tokenizer

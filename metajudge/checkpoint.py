@@ -11,7 +11,7 @@ Saves are atomic: orbax writes ``<step>.orbax-checkpoint-tmp-<n>`` and renames i
 only once every item is written, so a crash mid-save leaves the previous checkpoints as they were
 and the half-written directory is never listed (and is removed when a manager is next opened).
 
-Restoring takes an abstract train state (``metajudge.train.abstract_train_state``) whose leaves
+Restoring takes an abstract train state (``metajudge.train_state.abstract_train_state``) whose leaves
 carry the target shardings, so a checkpoint written on one mesh loads onto another (a different
 device count included).
 
@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from metajudge.train import TrainState, train_state_shardings
+from metajudge.train_state import TrainState, train_state_shardings
 from models import distributed
 from models.llama import Llama
 from models.loading import save_hf

@@ -35,10 +35,8 @@ from metajudge.checkpoint import CheckpointManager
 from metajudge.data import DataError, build_dpo_examples, make_dataset, read_jsonl
 from metajudge.metric_log import MetricLog
 from metajudge.stages import describe_differences, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from metajudge.train import (
-    TrainConfig, TrainingDiverged, TrainStep, abstract_train_state, batch_rows, compute_reference_logps,
-    first_loss_position, init_train_state,
-)
+from metajudge.train import TrainingDiverged, TrainStep, batch_rows, compute_reference_logps, first_loss_position
+from metajudge.train_state import TrainConfig, abstract_train_state, init_train_state
 from models.distributed import broadcast_json, is_primary, process_count, process_gather
 from models.loading import save_hf
 from models.sharding import data_parallel_size, make_mesh

@@ -53,7 +53,7 @@ def test_future_model_settings_start_from_the_dpo_settings():
 def test_fit_batch_shrinks_to_what_the_pairs_fill_on_the_mesh():
     from metajudge.trainer import DPORunConfig
     from experiments.loop import fit_batch
-    from metajudge.train import TrainConfig
+    from metajudge.train_state import TrainConfig
 
     class Mesh:
         shape = {"data": 2, "fsdp": 2, "tensor": 2}

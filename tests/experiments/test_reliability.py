@@ -17,7 +17,7 @@ import pytest
 from experiments.configs import tiny
 from experiments.loop import fit_context
 from models.files import DirLock, DirectoryLocked
-from tests.experiments.test_meta_reward import CMD, ENV, _kill_when, _run
+from tests.experiments.test_meta_reward import ENV, _kill_when, _run
 
 
 def _one_error_line(res, *, alone: bool = True) -> str:

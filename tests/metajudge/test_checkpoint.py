@@ -14,7 +14,8 @@ import pytest
 
 import models
 from metajudge.checkpoint import CheckpointManager
-from metajudge.train import TrainConfig, abstract_train_state, init_train_state, make_sft_step
+from metajudge.train import make_sft_step
+from metajudge.train_state import TrainConfig, abstract_train_state, init_train_state
 from tests.metajudge.test_train import CFG, STD, sft_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

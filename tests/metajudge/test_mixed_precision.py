@@ -18,7 +18,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import models
-from metajudge.train import TrainConfig, compute_reference_logps, init_train_state, make_dpo_step
+from metajudge.train import compute_reference_logps, make_dpo_step
+from metajudge.train_state import TrainConfig, init_train_state
 from tests.metajudge.test_train import CFG, dpo_rows, stack
 
 LR = 5e-6

@@ -10,10 +10,8 @@ from flax import nnx
 
 import models
 from experiments.cli import UsageError, apply_overrides
-from metajudge.train import (
-    TrainConfig, TrainingDiverged, compute_reference_logps, first_loss_position, init_train_state, make_dpo_step,
-    make_schedule, make_sft_step,
-)
+from metajudge.train import TrainingDiverged, compute_reference_logps, first_loss_position, make_dpo_step, make_sft_step
+from metajudge.train_state import TrainConfig, init_train_state, make_schedule
 
 CFG = models.get_config("tiny")  # vocab 256, width 64, 2 layers
 T = 24
