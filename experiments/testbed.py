@@ -90,7 +90,7 @@ class TestbedConfig:
     prompts_per_shard: int = 16
     actor: Sampling = Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=40)
     judge: Sampling = Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=56)
-    meta_judge: Sampling = Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=80)
+    meta_judge: Sampling = Sampling(n=1, temperature=0.5, top_p=1.0, max_new_tokens=80)
     length_control_rho: tuple[float, ...] = (0.3,)
     judge_pair_iterations: tuple[int, ...] = (1, 2)
     # Every method's DPO (M_t -> M_{t+1}) and the temporal methods' future model (M_t -> M_f) use
@@ -116,7 +116,7 @@ def quick_config() -> TestbedConfig:
         seed_training=dataclasses.replace(SeedTraining(), steps=250),
         actor=Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=32),
         judge=Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=56),
-        meta_judge=Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=80),
+        meta_judge=Sampling(n=1, temperature=0.5, top_p=1.0, max_new_tokens=80),
         dpo=dataclasses.replace(TestbedConfig().dpo, num_epochs=1, batch_size=4),
         future_dpo=dataclasses.replace(TestbedConfig().future_dpo, num_epochs=1, batch_size=4),
         eval_actor_samples=1,

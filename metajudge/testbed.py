@@ -264,8 +264,8 @@ class JudgeNoise:
     rewards length). The meta-judge's training verdicts are flipped with probability ``meta_flip``.
     """
 
-    expected_error: float = 0.3
-    score_error: float = 0.4
+    expected_error: float = 0.4
+    score_error: float = 0.5
     length_bias: float = 1.0
     meta_flip: float = 0.02
 
