@@ -174,7 +174,7 @@ def _meta_judge_stage(cfg, it_dir, t, generated, judged, model, tok, base_fp):
         out = [dict(x, battles=[]) for x in chunk]
         for (j, m, n), r in zip(owners, res):
             out[j]["battles"].append({"first": m, "second": n, "verdict": r["verdict"], "fallback": r["fallback"],
-                                       "p_first": r["p_first"]})
+                                       "p_first": r["p_first"], "too_long": r["too_long"]})
         return out
 
     return stage.run(targets, shard, shard_size=cfg.prompts_per_shard, desc=f"iter {t}: meta-judge")

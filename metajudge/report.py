@@ -85,6 +85,7 @@ def iteration_metrics(
         "mean_score": _nan_mean(means),
         "score_histogram": hist.tolist(),
         "judge_fallback_rate": sum(j["n_fallback"] for j in judged) / n_judgments if n_judgments else float("nan"),
+        "judge_too_long": sum(bool(j.get("too_long")) for j in judged),
         "actor_pairs": int(pair_stats.get("actor_pairs", 0)),
         "judge_pairs": int(pair_stats.get("judge_pairs", 0)),
         "score_gap": pair_stats.get("score_gap", float("nan")),
@@ -103,6 +104,7 @@ def iteration_metrics(
     if metajudged is not None:
         battles = [b for x in metajudged for b in x["battles"]]
         out["meta_fallback_rate"] = sum(b["fallback"] for b in battles) / len(battles) if battles else float("nan")
+        out["meta_too_long"] = sum(bool(b.get("too_long")) for b in battles)
     return out
 
 

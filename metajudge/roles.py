@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any, Literal, Optional, Sequence
 
 import jax
@@ -56,6 +57,23 @@ def _generate(model, tokenizer, prompts: Sequence[str], s: Sampling, rng, batch_
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, rng=rng, batch_size=batch_size,
         progress=progress,
     )
+
+
+def _generate_fitting(model, tokenizer, prompts: Sequence[str], s: Sampling, rng, batch_size: int,
+                      progress: bool) -> tuple[list[list[str]], list[bool]]:
+    """``_generate`` for the prompts that leave room for ``s.max_new_tokens`` in the model's
+    context; a prompt that does not (a judge or meta-judge prompt around a very long response) gets
+    ``s.n`` empty texts and ``True`` in the second list, so it reads as unparsed and is counted,
+    instead of stopping the run."""
+    limit = model.config.max_position_embeddings - s.max_new_tokens
+    too_long = [len(tokenizer.apply_chat_template(_user(p), add_generation_prompt=True)) > limit for p in prompts]
+    kept = [p for p, skip in zip(prompts, too_long) if not skip]
+    if len(kept) < len(prompts):
+        print(f"{len(prompts) - len(kept)} of {len(prompts)} prompt(s) leave no room for {s.max_new_tokens} new tokens "
+              f"in the model's context of {model.config.max_position_embeddings}: skipped (counted as unparsed)",
+              file=sys.stderr)
+    texts = iter(_generate(model, tokenizer, kept, s, rng, batch_size, progress) if kept else [])
+    return [[""] * s.n if skip else next(texts) for skip in too_long], too_long
 
 
 def act(model, tokenizer, instructions: Sequence[str], s: Sampling, *, rng, batch_size: int = 64, progress: bool = False) -> list[list[str]]:
@@ -115,14 +133,18 @@ def judge(
     batch_size: int = 64,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """``s.n`` judgments per ``(instruction, response)``; scores, mean, variance, fallbacks."""
+    """``s.n`` judgments per ``(instruction, response)``; scores, mean, variance, fallbacks.
+
+    An item whose judge prompt leaves no room for ``s.max_new_tokens`` in the model's context is
+    not generated: its judgments are empty, its scores None (every one a fallback), its mean NaN and
+    ``too_long`` is True."""
     _check_readout(readout)
     prompts = [judge_prompt(i, r, templates) for i, r in items]
-    judgments = _generate(model, tokenizer, prompts, s, rng, batch_size, progress)
+    judgments, too_long = _generate_fitting(model, tokenizer, prompts, s, rng, batch_size, progress)
     scores = [[parse_score(t) for t in js] for js in judgments]
     fallbacks = [[sc is None for sc in row] for row in scores]
     if readout == "expected":
-        flat = [(i, j) for i, row in enumerate(scores) for j, sc in enumerate(row) if sc is None]
+        flat = [(i, j) for i, row in enumerate(scores) for j, sc in enumerate(row) if sc is None and not too_long[i]]
         if flat:
             probs = _forced_probs(model, tokenizer, [prompts[i] for i, _ in flat],
                                   [judgments[i][j] for i, j in flat], "Score:", SCORE_LABELS, batch_size)
@@ -130,10 +152,10 @@ def judge(
             for (i, j), value in zip(flat, expected):
                 scores[i][j] = float(value)
     out = []
-    for js, sc, fb in zip(judgments, scores, fallbacks):
+    for js, sc, fb, skip in zip(judgments, scores, fallbacks, too_long):
         mean, var, n_valid, n_failed = aggregate_scores(sc)
         out.append({"judgments": js, "scores": sc, "mean": mean, "variance": var,
-                    "n_valid": n_valid, "n_fallback": int(sum(fb))})
+                    "n_valid": n_valid, "n_fallback": int(sum(fb)), "too_long": skip})
     return out
 
 
@@ -151,23 +173,26 @@ def meta_judge(
 ) -> list[dict[str, Any]]:
     """One verdict per ``(instruction, response, judgment_a, judgment_b)``: r in {1, -1, 0}, and
     ``p_first``, the probability that judgment A (the first position) wins: 1, 0 or 1/2 from a
-    parsed verdict, p(A) / (p(A) + p(B)) where the ``expected`` readout fills in a fallback."""
+    parsed verdict, p(A) / (p(A) + p(B)) where the ``expected`` readout fills in a fallback. A
+    battle whose prompt does not fit the model's context with ``s.max_new_tokens`` more is not
+    generated: an empty text, a tie (0) counted as a fallback, ``too_long`` True."""
     _check_readout(readout)
     prompts = [meta_judge_prompt(i, r, a, b, templates) for i, r, a, b in battles]
-    texts = [row[0] for row in _generate(model, tokenizer, prompts, dataclasses.replace(s, n=1), rng, batch_size, progress)]
+    rows, too_long = _generate_fitting(model, tokenizer, prompts, dataclasses.replace(s, n=1), rng, batch_size, progress)
+    texts = [row[0] for row in rows]
     verdicts = [verdict_to_result(parse_winner(t)) for t in texts]
     fallback = [parse_winner(t) is None for t in texts]
     p_first = [first_position_probability(v) for v in verdicts]
     if readout == "expected":
-        idx = [i for i, f in enumerate(fallback) if f]
+        idx = [i for i, f in enumerate(fallback) if f and not too_long[i]]
         if idx:
             probs = _forced_probs(model, tokenizer, [prompts[i] for i in idx], [texts[i] for i in idx],
                                   "Winner: Judgment", ("A", "B"), batch_size)
             for i, (pa, pb) in zip(idx, probs):
                 verdicts[i] = 1 if pa > pb else -1 if pb > pa else 0
                 p_first[i] = first_position_probability(verdicts[i], pa, pb)
-    return [{"text": t, "verdict": v, "fallback": f, "p_first": p}
-            for t, v, f, p in zip(texts, verdicts, fallback, p_first)]
+    return [{"text": t, "verdict": v, "fallback": f, "p_first": p, "too_long": skip}
+            for t, v, f, p, skip in zip(texts, verdicts, fallback, p_first, too_long)]
 
 
 def shard_rng(seed: int, *parts: int) -> jax.Array:
