@@ -16,12 +16,14 @@ to
   uploads it later).
 
 Only process 0 of a multi-process run writes. Nested dicts become ``a/b`` tags; values that are
-not real numbers (strings, lists, None) are left out; NaN and inf are kept (TensorBoard shows them).
+not real numbers (strings, lists, None) are left out; NaN and inf are kept (TensorBoard shows them),
+without the warning tensorboardX would print for each.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import numbers
 import os
 import time
@@ -59,6 +61,10 @@ class MetricLog:
         if logdir is not None and distributed.is_primary():
             # Imported on first use: tensorboardX imports torch whenever torch is installed (2 s).
             from tensorboardX import SummaryWriter
+
+            # NaN marks a metric with no value this step (no judge pairs, say) and is kept on purpose;
+            # tensorboardX would print a warning for each one.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
             os.makedirs(logdir, exist_ok=True)
             # The file name has the time in whole seconds; the suffix keeps a restart within the same

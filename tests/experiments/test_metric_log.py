@@ -40,6 +40,16 @@ def test_a_resumed_log_hides_what_the_interrupted_attempt_wrote_after_the_restar
     assert read_scalars(logdir)["loss"] == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]
 
 
+def test_nan_is_kept_without_a_warning_per_value(tmp_path, caplog):
+    """A metric with no value this step (NaN) reaches TensorBoard as NaN, quietly."""
+    logdir = str(tmp_path / "tb")
+    with caplog.at_level("WARNING"), MetricLog(logdir, prefix="loop") as log:
+        log.log({"judge_pair_precision": float("nan"), "actor_pairs": 12}, step=1)
+    scalars = read_scalars(logdir)
+    assert np.isnan(scalars["judge_pair_precision"][0][1]) and scalars["actor_pairs"] == [(1, 12.0)]
+    assert not [r for r in caplog.records if "NaN" in r.getMessage()]
+
+
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory):
     """A tiny loop run with W&B in offline mode (no network), no evaluation."""
