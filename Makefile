@@ -3,6 +3,7 @@
 # `make bench`: set up .venv with the peers' packages (bench extra) and run the three benchmarks.
 # `make aot`: set up .venv-tpu (base install + libtpu) and compile the paper's TPU programs ahead of
 #   time on this machine (no TPU needed); AOT_ARGS picks the preset, topology and programs.
+# `make test-aot`: set up .venv-tpu with pytest and run the compile tests that `make test` skips.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ RUN_ARGS ?=
 TPU_VENV ?= .venv-tpu
 AOT_ARGS ?= --preset llama3_8b_paper --topology v5e-32 --out runs/aot-llama3_8b_paper-v5e-32
 
-.PHONY: run test bench aot clean
+.PHONY: run test test-aot bench aot clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,15 @@ $(TPU_VENV)/.installed: setup.py
 
 aot: $(TPU_VENV)/.installed
 	TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -m experiments.aot $(AOT_ARGS)
+
+$(TPU_VENV)/.installed-test: $(TPU_VENV)/.installed
+	$(TPU_VENV)/bin/pip install -q "pytest>=8"
+	touch $@
+
+# The ahead-of-time TPU compile tests, which `make test` skips for want of libtpu: run with the
+# libtpu venv (base install + libtpu + pytest), the tiny preset compiled for v5e-4 and v4-8.
+test-aot: $(TPU_VENV)/.installed-test
+	$(TPU_VENV)/bin/python -m pytest -q tests/experiments/test_aot.py
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) build *.egg-info

@@ -79,8 +79,11 @@ def topology_devices(name: str) -> tuple[list[Any], float]:
     except ImportError:  # pragma: no cover - very old JAX
         raise UsageError("this JAX has no jax.experimental.topologies; upgrade jax") from None
     kw = {"chip_config_name": chip_config} if chip_config else {}
+    # A host holds a 2x2 block of chips, or the whole slice when it is smaller (v5e-1: one chip).
+    dims = [int(d) for d in desc.split(":")[1].split("x")]
+    host = (min(2, dims[0]), min(2, dims[1]), 1)
     try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=desc, chips_per_host_bounds=(2, 2, 1), **kw)
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=desc, chips_per_host_bounds=host, **kw)
     except Exception as e:  # libtpu missing or unable to describe the topology
         raise UsageError(f"cannot describe TPU topology {desc} ({type(e).__name__}: {e}); install libtpu with "
                          "pip install -e \".[tpu]\" and run with TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu") from None

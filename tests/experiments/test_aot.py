@@ -9,8 +9,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import types
+from unittest import mock
 
 import pytest
 
@@ -21,9 +24,12 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 ENV = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "XLA_FLAGS": ""}
 
 
-def _aot(tmp_path, topology, *args):
+NOTEBOOK = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "colab_quickstart.ipynb"
+
+
+def _aot(tmp_path, topology, *args, preset="tiny"):
     out = tmp_path / topology
-    res = subprocess.run([sys.executable, "-m", "experiments.aot", "--preset", "tiny", "--topology", topology,
+    res = subprocess.run([sys.executable, "-m", "experiments.aot", "--preset", preset, "--topology", topology,
                           "--out", str(out), *args], env=ENV, capture_output=True, text=True, timeout=900)
     rows = json.loads((out / "aot.json").read_text())["programs"] if (out / "aot.json").exists() else None
     return res, rows
@@ -110,3 +116,36 @@ def test_candidate_settings_keep_the_batch_divisible():
     assert candidate_settings("dpo_step", cfg, mesh) == [["dpo.train.grad_accum_steps=2"], ["dpo.train.grad_accum_steps=4"],
                                                          ["remat=true"]]
     assert candidate_settings("reference_logps", cfg, mesh) == [["dpo.ref_batch_size=6"]]  # 3 is not a multiple of 2
+
+
+def notebook_settings(backend: str, n_dev: int) -> tuple[str, list[str]]:
+    """The preset and ``--set`` overrides the Colab notebook picks on ``n_dev`` devices of ``backend``:
+    its own settings cell, run with a stand-in for ``jax`` that reports that backend."""
+    cells = ["".join(c["source"]) for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
+    (cell,) = [c for c in cells if "jax.default_backend()" in c]
+    fake_jax = types.SimpleNamespace(default_backend=lambda: backend, device_count=lambda: n_dev,
+                                     devices=lambda: [types.SimpleNamespace(device_kind=f"{backend} device")] * n_dev)
+    ns = {"PRESET": "auto"}
+    with mock.patch.dict(sys.modules, {"jax": fake_jax}):
+        exec(cell, ns)
+    return ns["PRESET"], ns["overrides"]
+
+
+def test_notebook_settings_are_read_from_its_cell():
+    assert notebook_settings("cpu", 1) == ("smollm2_cpu", [])
+    preset, overrides = notebook_settings("tpu", 1)
+    assert preset == "smollm2_cpu" and "dtype=bfloat16" in overrides and "dpo.batch_size=8" in overrides
+
+
+@needs_libtpu
+def test_the_notebooks_tpu_settings_fit_one_v5e_chip(tmp_path):
+    """Colab's TPU runtime is one v5e chip: the notebook's DPO step, the largest of its training
+    programs (13.7 of 16 GiB; the reference pass 3.7, SFT 8.2), compiles for it and fits. The
+    other two are left to ``make aot``-style runs: each SmolLM2 compile takes minutes on 2 cores."""
+    preset, overrides = notebook_settings("tpu", 1)
+    res, rows = _aot(tmp_path, "v5e-1", "--programs", "dpo_step", *[a for o in overrides for a in ("--set", o)],
+                     preset=preset)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = rows
+    assert row["program"] == "dpo_step" and row["compiled"] and row["fits"] and row["chips"] == 1
+    assert 0 < row["total_bytes"] < row["hbm_bytes"]
