@@ -20,7 +20,6 @@ packed segments are skipped block by block (``attention_kernels/block_mask.py``)
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import jax
@@ -30,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from attention_kernels import compat
 from attention_kernels.decode_attention import combine_splits, decode_attention
 from attention_kernels.flash_attention import BlockSizes, flash_attention
-from attention_kernels.reference import masked_attention
+from attention_kernels.xla_attention import grouped_attention, xla_attention
 
 Array = jax.Array
 IMPLS = ("auto", "xla", "pallas")
@@ -55,43 +54,6 @@ def attention_mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids
         if kv_segment_ids is not None:
             mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     return mask
-
-
-def xla_attention(q_btnh: Array, k_bksh: Array, v_bksh: Array, mask_bts: Array, *, query_block: int = 0) -> Array:
-    """Grouped-query attention in plain XLA, without repeating K/V (``G = N // K``).
-
-    Each KV head's ``T * G`` queries are the rows of one ``[T*G, H] x [S, H]^T`` batched matmul:
-    4-D batched matmuls stay on XLA:CPU's fast path, where a 5-D ``btkgh`` einsum does not.
-    ``query_block > 0`` is for self-attention over a row in index order (``S == T`` and
-    ``mask[b, i, j]`` false for every ``j > i``): queries go in blocks of that many, and a block
-    reads only the keys up to its last query, so the ``[T, S]`` scores are never materialized
-    whole and the masked upper triangle is skipped (measured on the 2-core CPU, SmolLM2 shapes,
-    4 x 512 tokens, forward + backward of one layer: 327 ms whole, 134 ms in blocks of 128).
-    Fully masked query rows return zeros.
-    """
-    t = q_btnh.shape[1]
-    if query_block <= 0 or t <= query_block:
-        return _grouped_attention(q_btnh, k_bksh, v_bksh, mask_bts)
-    if k_bksh.shape[2] != t:
-        raise ValueError(f"query_block needs self-attention (S == T), got T={t}, S={k_bksh.shape[2]}")
-    outs = []
-    for i in range(0, t, query_block):
-        e = min(t, i + query_block)
-        outs.append(_grouped_attention(q_btnh[:, i:e], k_bksh[:, :, :e], v_bksh[:, :, :e], mask_bts[:, i:e, :e]))
-    return jnp.concatenate(outs, axis=1)
-
-
-def _grouped_attention(q_btnh: Array, k_bksh: Array, v_bksh: Array, mask_bts: Array) -> Array:
-    b, t, n, h = q_btnh.shape
-    kh = k_bksh.shape[1]
-    g = n // kh
-    q = q_btnh.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
-    scores = jnp.einsum("bkmh,bksh->bkms", q, k_bksh, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(h))
-    m = mask_bts[:, None, :, None, :]
-    scores = jnp.where(m, scores.reshape(b, kh, t, g, -1), jnp.finfo(jnp.float32).min)
-    probs = jnp.where(m, jax.nn.softmax(scores, axis=-1), 0.0).astype(v_bksh.dtype).reshape(b, kh, t * g, -1)
-    out = jnp.einsum("bkms,bksh->bkmh", probs, v_bksh)
-    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 def attention(
@@ -122,8 +84,8 @@ def attention(
         mask = attention_mask(q_pos, kv_pos, q_segment_ids, kv_segment_ids)
         if not return_lse:
             return xla_attention(q_btnh, k_bksh, v_bksh, mask)
-        out, lse = masked_attention(q_btnh, k_bksh.transpose(0, 2, 1, 3), v_bksh.transpose(0, 2, 1, 3), mask)
-        return out.astype(q_btnh.dtype), lse.transpose(0, 2, 1)
+        out, lse = grouped_attention(q_btnh, k_bksh, v_bksh, mask, return_lse=True)
+        return out.astype(q_btnh.dtype), lse
 
     b, t = q_btnh.shape[:2]
     if t == 1 and kv_segment_ids is None:  # one sampled token against the cache

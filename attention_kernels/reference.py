@@ -1,4 +1,5 @@
-"""Plain ``jnp`` attention: the numerics the Pallas kernels are tested against.
+"""The references the Pallas kernels are tested against: their masks, and the project's one XLA
+attention (`attention_kernels.xla_attention`) computed in float32 at ``HIGHEST`` precision.
 
 Shapes: ``B`` batch, ``T`` queries, ``S`` keys, ``Hq`` query heads, ``Hkv`` key/value heads
 (``G = Hq // Hkv`` query heads share one KV head), ``D`` head dim.
@@ -19,11 +20,12 @@ Everything is computed in float32 with ``HIGHEST`` matmul precision, whatever th
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+
+from attention_kernels.xla_attention import grouped_attention
 
 Array = jax.Array
 SegmentIds = Union[Array, Sequence[Array], None]
@@ -72,23 +74,12 @@ def attention_mask(
 
 
 def masked_attention(q: Array, k: Array, v: Array, mask_bts: Array, sm_scale: Optional[float] = None) -> tuple[Array, Array]:
-    """q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]`` -> (out ``[B, T, Hq, D]`` f32, lse ``[B, Hq, T]`` f32)."""
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32), precision=_HI) * scale
-    m = mask_bts[:, None, None, :, :]
-    s = jnp.where(m, s, -jnp.inf)
-    row_max = jnp.max(s, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(s - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    safe = jnp.where(denom == 0, 1.0, denom)  # empty rows: no 0/0 and no NaN gradient through log
-    out = jnp.einsum("bkgts,bskd->btkgd", p / safe, v.astype(jnp.float32), precision=_HI)
-    lse = jnp.where(denom[..., 0] == 0, -jnp.inf, row_max[..., 0] + jnp.log(safe[..., 0]))
-    return out.reshape(b, t, hq, d), lse.reshape(b, hq, t)
+    """q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]`` -> (out ``[B, T, Hq, D]`` f32, lse ``[B, Hq, T]`` f32):
+    the project's one XLA attention (`attention_kernels.xla_attention`) in float32 at ``HIGHEST``."""
+    f32 = jnp.float32
+    out, lse = grouped_attention(q.astype(f32), k.astype(f32).transpose(0, 2, 1, 3), v.astype(f32).transpose(0, 2, 1, 3),
+                                 mask_bts, return_lse=True, sm_scale=sm_scale, precision=_HI)
+    return out, lse.transpose(0, 2, 1)
 
 
 # Same keyword arguments as ``flash_attention`` (without its tuning knobs): tests call both alike.

@@ -1,6 +1,7 @@
 """The forward pass of prefill and decode steps on the decode cache: `_forward` (``Llama.hidden_states``
 on 2-D weights, keys cached transposed), its attention against the cache with a shared prefix stored
-once (`_attention` on the XLA path, `_prefix_attention` merged with the Pallas kernels' output),
+once (`attention_kernels.xla_attention.grouped_attention` on the XLA path; on the Pallas path the
+kernels' output merged with the same XLA attention over the prefix alone),
 the decode weights in the layout a step runs in (`_DecodeWeights`: row-major views, or feature-major
 transposed copies on CPU), and the LM head (`_logits`).
 """
@@ -8,7 +9,6 @@ transposed copies on CPU), and the LM head (`_logits`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from typing import Optional
 
@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from attention_kernels.dispatch import merge_attention
+from attention_kernels.xla_attention import grouped_attention
 from models.decode_cache import _DecodeCache
 from models.executables import _run
 from models.llama import Llama, rope_inv_freq, rope_tables, rotate_halves
@@ -25,7 +26,6 @@ from models.placement import _shard_ctx
 from models.sharding import constrain
 
 Array = jax.Array
-_NEG = float(np.finfo(np.float32).min)
 
 
 @jax.tree_util.register_dataclass
@@ -110,66 +110,6 @@ def _decode_weights(model: Llama, graphdef, state) -> _DecodeWeights:
     return weights
 
 
-def _attention(q_btnh: Array, k_bkhs: Array, v_bksh: Array, mask_bts: Array,
-               prefix: Optional[tuple[Array, Array, Array]] = None) -> Array:
-    """Grouped-query attention against the cache without repeating K/V (``G = N // K``).
-
-    Each KV head's ``G * T`` queries form the rows of one ``[G*T, H] x [H, S]`` matmul: 4-D batched
-    matmuls stay on XLA:CPU's fast path (a 5-D ``btkgh`` einsum falls off it, ~10x slower).
-    ``prefix``: ``(keys [K, H, P], values [K, P, H], visible [P])`` shared by every row, attended
-    before the row's own slots in the same softmax. Its products are one ``[B*G*T, H] x [H, P]``
-    matmul per KV head, so the shared keys and values are read once, not once per row.
-    """
-    b, t, n, h = q_btnh.shape
-    kh, g = k_bkhs.shape[1], n // k_bkhs.shape[1]
-    dt, scale = v_bksh.dtype, 1.0 / math.sqrt(h)
-    q = q_btnh.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-    scores = jnp.einsum("bkmh,bkhs->bkms", q, k_bkhs, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores.reshape(b, kh, g, t, -1), _NEG).reshape(b, kh, g * t, -1)
-    if prefix is None:
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkms,bksh->bkmh", probs, v_bksh, preferred_element_type=jnp.float32)
-    else:  # one softmax over both parts, computed in each part's own layout (no concatenation)
-        pk, pv, visible = prefix
-        by_head = lambda x: x.transpose(1, 0, 2).reshape(kh, -1)  # [B, K, M] -> [K, B*M]
-        by_row = lambda x: x.reshape(kh, b, g * t).transpose(1, 0, 2)  # [K, B*M] -> [B, K, M]
-        qk = q.transpose(1, 0, 2, 3).reshape(kh, b * g * t, h)
-        shared = jnp.einsum("kmh,khp->kmp", qk, pk, preferred_element_type=jnp.float32) * scale  # [K, B*M, P]
-        shared = jnp.where(visible, shared, _NEG)
-        top = jnp.maximum(jnp.max(scores, axis=-1), by_row(jnp.max(shared, axis=-1)))  # [B, K, M]
-        own = jnp.exp(scores - top[..., None])
-        shared = jnp.exp(shared - by_head(top)[..., None])
-        total = jnp.sum(own, axis=-1) + by_row(jnp.sum(shared, axis=-1))
-        from_prefix = jnp.einsum("kmp,kph->kmh", shared.astype(dt), pv, preferred_element_type=jnp.float32)
-        out = jnp.einsum("bkms,bksh->bkmh", own.astype(dt), v_bksh, preferred_element_type=jnp.float32)
-        out = (out + from_prefix.reshape(kh, b, g * t, h).transpose(1, 0, 2, 3)) / total[..., None]
-    return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
-
-
-def _prefix_attention(q_btnh: Array, pk: Array, pv: Array, visible: Array) -> tuple[Array, Array]:
-    """Attention over a shared prefix alone, for the Pallas path (`_attention` merges it into one
-    softmax on the XLA path): ``(out [B, T, N, H], lse [B, T, N])`` for `merge_attention`.
-
-    ``pk`` ``[K, P, H]`` (the kernels' key layout), ``pv`` ``[K, P, H]``, ``visible`` ``[P]``: one
-    ``[B*G*T, H] x [H, P]`` matmul per KV head, so the prefix is read once for every row.
-    """
-    b, t, n, h = q_btnh.shape
-    kh = pk.shape[0]
-    g = n // kh
-    qk = q_btnh.reshape(b, t, kh, g, h).transpose(2, 0, 3, 1, 4).reshape(kh, b * g * t, h)
-    scores = jnp.einsum("kmh,kph->kmp", qk, pk, preferred_element_type=jnp.float32) / math.sqrt(h)
-    scores = jnp.where(visible, scores, -jnp.inf)
-    top = jnp.max(scores, axis=-1)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    probs = jnp.exp(scores - top[..., None])
-    total = jnp.sum(probs, axis=-1)
-    safe = jnp.where(total == 0, 1.0, total)
-    out = jnp.einsum("kmp,kph->kmh", probs.astype(pv.dtype), pv, preferred_element_type=jnp.float32) / safe[..., None]
-    lse = jnp.where(total == 0, -jnp.inf, top + jnp.log(safe))
-    out = out.reshape(kh, b, g, t, h).transpose(1, 3, 0, 2, 4).reshape(b, t, n, h)
-    return out, lse.reshape(kh, b, g, t).transpose(1, 3, 0, 2).reshape(b, t, n)
-
-
 def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array, seg_bt: Array,
              layers: Optional[list[dict[str, Array]]] = None) -> tuple[Array, _DecodeCache]:
     """Final-norm hidden states ``[B, T, D]`` of ``T`` new tokens per row, cached from slot ``cache.end``.
@@ -211,12 +151,12 @@ def _forward(model: Llama, cache: _DecodeCache, tokens_bt: Array, pos_bt: Array,
             if cache.prefix_k:
                 prefix = (cache.prefix_k[i].astype(dt), cache.prefix_v[i].astype(dt), cache.prefix_pos >= 0)
             if cache.keys_last:
-                o = _attention(q, k_cache.astype(dt), v_cache.astype(dt), mask, prefix)
+                o = grouped_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask, keys_last=True, prefix=prefix)
             elif prefix is None:  # the Pallas kernels (decode kernel for one token), per device on a mesh
                 o = a.pallas_attention(q, k_cache.astype(dt), v_cache.astype(dt), pos_bt, slot_pos, seg_bt, None)
             else:  # the kernels over the rows' slots, merged with XLA attention over the shared prefix
                 o, lse = a.pallas_attention(q, k_cache.astype(dt), v_cache.astype(dt), pos_bt, slot_pos, seg_bt, None, return_lse=True)
-                o = merge_attention(o, lse, *_prefix_attention(q, *prefix))
+                o = merge_attention(o, lse, *grouped_attention(q, None, None, None, prefix=prefix, return_lse=True))
             o = o.reshape(b * t, n * h)
             x = x + mm(w["o"], o.T if fm else o)
             y = blk.post_attn_norm(x, axis)

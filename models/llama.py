@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from attention_kernels import dispatch
+from attention_kernels.xla_attention import xla_attention
 from models.sharding import ShardingContext, constrain, logical_to_spec, state_shardings
 
 Array = jax.Array
@@ -234,7 +235,7 @@ def attention_mask(q_pos: Array, k_pos: Array, q_seg: Optional[Array], k_seg: Op
     return dispatch.attention_mask(q_pos, k_pos, q_seg, k_seg)
 
 
-# Queries per block when a row attends to itself (no cache): see `attention_kernels.dispatch.xla_attention`.
+# Queries per block when a row attends to itself (no cache): see `attention_kernels.xla_attention.xla_attention`.
 SELF_ATTENTION_QUERY_BLOCK = 128
 
 
@@ -242,8 +243,8 @@ def dot_product_attention(q_btnh: Array, k_bksh: Array, v_bksh: Array, mask_bts:
     """Grouped-query attention without repeating K/V. Fully masked query rows return zeros.
 
     ``query_block > 0``: self-attention in index order (no key after its query is visible), run in
-    query blocks that skip the masked upper triangle (`attention_kernels.dispatch.xla_attention`)."""
-    return dispatch.xla_attention(q_btnh, k_bksh, v_bksh, mask_bts, query_block=query_block)
+    query blocks that skip the masked upper triangle (`attention_kernels.xla_attention.xla_attention`)."""
+    return xla_attention(q_btnh, k_bksh, v_bksh, mask_bts, query_block=query_block)
 
 
 # --------------------------------------------------------------------------------------- modules
