@@ -1,4 +1,4 @@
-"""Compile the loop's training programs ahead of time for a TPU topology, on a machine without one.
+"""Compile the loop's programs ahead of time for a TPU topology, on a machine without one.
 
     TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu \\
     python -m experiments.aot --preset llama3_8b_paper --topology v5e-32 [--set key=value ...] [--out DIR]
@@ -13,6 +13,17 @@ For the preset's settings (after ``--set``) it compiles
   accumulation;
 * ``reference_logps``: the reference model's log-probs of ``dpo.ref_batch_size`` pairs;
 * ``sft_step``: the SFT step on ``dpo.batch_size`` rows of ``dpo.max_len`` tokens;
+* ``actor``, ``judge``, ``meta_judge``: the sampler's ``generate`` as the loop calls it
+  (``gen_batch_size // n`` prompts, ``n`` samples each, the role's ``max_new_tokens`` and
+  sampling), run under `models.executables.compile_only`, so that every program a real call runs
+  is compiled with the shapes its buckets give: ``prefill`` (per chunk; ``prefix`` for the rubric
+  shared by a judge's prompts), ``start`` (the first token of every sample), ``decode`` (the
+  decode loop, at each capacity bucket; the row keeps the largest), ``grow`` (the cache into the
+  next bucket). Prompt lengths: ``--prompt-len`` tokens for the actor (default 512); the judge
+  reads ``RUBRIC_TOKENS`` of rubric, the prompt and a whole response; the meta-judge also two whole
+  judgments;
+* ``judge_readout``, ``meta_judge_readout``: ``next_token_logprobs`` (``readout=expected``) on
+  ``gen_batch_size`` judge or meta-judge prompts followed by a whole judgment;
 
 and prints one row per program: compile seconds, per-device bytes (arguments, outputs,
 temporaries, generated code, total), the chip's HBM, whether it fits and by how much, the number
@@ -22,9 +33,6 @@ writes the rows to ``DIR/aot.json``. ``--suggest`` compiles a program that does 
 with more gradient accumulation, remat, or a smaller reference batch, and names the first
 setting that fits (or says none of those tried does). The compiler plans for the HBM it has, so read "fits", not
 the bytes, as the verdict; this is a compile-time result, not a run on a TPU.
-
-Not compiled yet: the sampler (prefill and decode) and the judges' score readouts, which take
-concrete parameters today.
 """
 
 from __future__ import annotations
@@ -44,11 +52,15 @@ from flax import nnx
 
 from experiments.cli import UsageError, apply_overrides, run_main
 from experiments.configs import LoopConfig, get_preset, resolve
+from metajudge.roles import Sampling
 from metajudge.stages import write_json_atomic
 from metajudge.train import TrainStep, _pair_scorer, batch_sharding
 from metajudge.train_state import abstract_train_state
 from models.llama import Llama, LlamaConfig, get_config
+from models.executables import compile_only
 from models.loading import config_from_hf
+from models.sampler import generate
+from models.scoring import next_token_logprobs
 from models.sharding import ShardingContext, data_parallel_size, make_mesh, state_shardings
 
 GiB = 1 << 30
@@ -64,6 +76,7 @@ TOPOLOGIES: dict[str, tuple[str, Optional[str], float]] = {
 # The architecture of a preset's model source, when it cannot be read from a local checkpoint.
 _ARCH = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b",
          "meta-llama/Meta-Llama-3-70B-Instruct": "llama3-70b", "smollm2-135m-instruct": "smollm2-135m"}
+RUBRIC_TOKENS = 512  # a judge's or meta-judge's instructions around the texts it reads, shared by its prompts
 _COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                 "f64": 8, "s64": 8, "u64": 8}
@@ -146,17 +159,34 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def pallas_calls(hlo: str) -> int:
+    """Mosaic (Pallas) kernel calls in compiled TPU HLO text. The TPU compiler also emits custom calls
+    of its own, named ``online-softmax`` (it fuses a plain-XLA softmax and matmul into one); those
+    are XLA's, not ours, and are not counted."""
+    names = re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+) = .*custom_call_target=\"tpu_custom_call\"", hlo, flags=re.M)
+    return sum(not n.startswith("online-softmax") for n in names)
+
+
+def _failed(name: str, e: Exception, seconds: float, hbm: float) -> dict[str, Any]:
+    """The row of a program the compiler refused (e.g. out of memory): a result, not a crash."""
+    # The compiler's whole message (for an out-of-memory: its largest allocations) goes to stderr.
+    print(f"--- {name}: the compiler's message ---\n{e}\n---", file=sys.stderr, flush=True)
+    return {"program": name, "compiled": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+            "compile_s": round(seconds, 1), "hbm_bytes": int(hbm), "fits": False}
+
+
 def compile_program(name: str, fn: Callable[[], Any], hbm: float) -> dict[str, Any]:
     """Lowers and compiles ``fn()`` (a ``jit(...).lower(...)``) and measures the executable."""
     t0 = time.perf_counter()
     try:
         compiled = fn().compile()
-    except Exception as e:  # the compiler's own refusal (e.g. out of memory) is a result, not a crash
-        # The compiler's whole message (for an out-of-memory: its largest allocations) goes to stderr.
-        print(f"--- {name}: the compiler's message ---\n{e}\n---", file=sys.stderr, flush=True)
-        return {"program": name, "compiled": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                "compile_s": round(time.perf_counter() - t0, 1), "hbm_bytes": int(hbm), "fits": False}
-    seconds = time.perf_counter() - t0
+    except Exception as e:
+        return _failed(name, e, time.perf_counter() - t0, hbm)
+    return measure(name, compiled, time.perf_counter() - t0, hbm)
+
+
+def measure(name: str, compiled: Any, seconds: float, hbm: float) -> dict[str, Any]:
+    """The row of a compiled program: bytes per device, fit, Pallas calls and collectives."""
     mem = compiled.memory_analysis()
     args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     alias, temp, code = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes)
@@ -165,7 +195,7 @@ def compile_program(name: str, fn: Callable[[], Any], hbm: float) -> dict[str, A
     return {"program": name, "compiled": True, "compile_s": round(seconds, 1), "argument_bytes": args,
             "output_bytes": outs, "alias_bytes": alias, "temp_bytes": temp, "code_bytes": code, "total_bytes": total,
             "hbm_bytes": int(hbm), "fits": total <= hbm, "margin_bytes": int(hbm - total),
-            "pallas_calls": hlo.count("tpu_custom_call"), "collectives": collectives(hlo)}
+            "pallas_calls": pallas_calls(hlo), "collectives": collectives(hlo)}
 
 
 def programs(cfg: LoopConfig, mesh: Any) -> dict[str, Callable[[], Any]]:
@@ -192,6 +222,67 @@ def programs(cfg: LoopConfig, mesh: Any) -> dict[str, Callable[[], Any]]:
         return step.jitted.lower(state, _batch(mesh, dpo.batch_size, dpo.max_len, _side_fields(("",))))
 
     return {"dpo_step": dpo_step, "reference_logps": reference_logps, "sft_step": sft_step}
+
+
+def role_inputs(cfg: LoopConfig, prompt_len: int) -> dict[str, tuple[Sampling, int, int]]:
+    """``{role: (sampling, prompt tokens, of which a prefix shared by the call's prompts)}`` of the
+    sampler's calls: the actor on ``prompt_len``-token prompts; the judge on the rubric
+    (``RUBRIC_TOKENS``, shared), the prompt and a whole response; the meta-judge on the rubric, the
+    prompt, a response and two whole judgments."""
+    a, j, m = cfg.actor, cfg.judge, cfg.meta_judge
+    return {"actor": (a, prompt_len, 0),
+            "judge": (j, RUBRIC_TOKENS + prompt_len + a.max_new_tokens, RUBRIC_TOKENS),
+            "meta_judge": (m, RUBRIC_TOKENS + prompt_len + a.max_new_tokens + 2 * j.max_new_tokens, RUBRIC_TOKENS)}
+
+
+def _token_rows(rows: int, length: int, shared: int) -> list[list[int]]:
+    """``rows`` prompts of ``length`` tokens, the first ``shared`` the same in all, the rest not."""
+    return [[7] * shared + [(i * 31 + t) % 1000 + 10 for t in range(length - shared)] for i in range(rows)]
+
+
+def sampler_programs(cfg: LoopConfig, mesh: Any, prompt_len: int = 512) -> dict[str, Callable[[], list[dict]]]:
+    """``{name: () -> [compiled programs]}`` of the sampler's calls (module doc): each runs
+    ``generate`` or ``next_token_logprobs`` on the abstract model under
+    `models.executables.compile_only`, so the programs are those a real call with these shapes runs."""
+    model = abstract_model(model_config(cfg), mesh)
+    out: dict[str, Callable[[], list[dict]]] = {}
+    for role, (s, length, shared) in role_inputs(cfg, prompt_len).items():
+        def sample(s=s, length=length, shared=shared):
+            prompts = _token_rows(max(1, cfg.gen_batch_size // s.n), length, shared)
+            with compile_only() as compiled:
+                generate(model, prompts, n_samples=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                         top_p=s.top_p, top_k=s.top_k, stop_ids=(1,), rng=jax.random.key(0))
+            return compiled
+        out[role] = sample
+        if role != "actor":  # readout=expected: the judgment's text, then the forced prefix's next token
+            def readout(s=s, length=length, shared=shared):
+                with compile_only() as compiled:
+                    next_token_logprobs(model, _token_rows(cfg.gen_batch_size, length + s.max_new_tokens, shared),
+                                        list(range(10, 16)), batch_size=cfg.gen_batch_size)
+                return compiled
+            out[f"{role}_readout"] = readout
+    return out
+
+
+def sampler_rows(name: str, fn: Callable[[], list[dict]], hbm: float) -> list[dict[str, Any]]:
+    """One row per program of a sampler call (``name.prefill``, ``name.decode``, ...): of several
+    shapes of a program (decode at each capacity bucket), the one needing the most memory, with
+    ``shapes`` saying how many were compiled."""
+    t0 = time.perf_counter()
+    try:
+        compiled = fn()
+    except Exception as e:
+        return [_failed(name, e, time.perf_counter() - t0, hbm)]
+    best: dict[str, dict[str, Any]] = {}
+    for rec in compiled:
+        row = {**measure(f"{name}.{rec['name']}", rec["compiled"], rec["seconds"], hbm), "shape": rec["desc"]}
+        old = best.get(rec["name"])
+        row["shapes"] = 1 + (old["shapes"] if old else 0)
+        if old is None or row["total_bytes"] > old["total_bytes"]:
+            best[rec["name"]] = row
+        else:
+            old["shapes"] = row["shapes"]
+    return list(best.values())
 
 
 def _gib(x: Optional[int]) -> str:
@@ -263,7 +354,7 @@ def suggest(name: str, cfg: LoopConfig, mesh: Any, hbm: float) -> dict[str, Any]
 
 
 def run(preset: str, topology: str, overrides: Sequence[str] = (), only: Optional[Sequence[str]] = None,
-        out: Optional[str] = None, suggest_fit: bool = False) -> list[dict]:
+        out: Optional[str] = None, suggest_fit: bool = False, prompt_len: int = 512) -> list[dict]:
     """Compiles the preset's programs for the topology; returns the rows (and writes ``out/aot.json``).
     With ``suggest_fit``, a program that does not fit is compiled again under the settings of
     :func:`candidate_settings` and its row gets ``suggestion`` (:func:`suggest`)."""
@@ -273,21 +364,28 @@ def run(preset: str, topology: str, overrides: Sequence[str] = (), only: Optiona
         mesh = make_mesh(cfg.mesh, devices=devices)
     except ValueError as e:
         raise UsageError(f"mesh={cfg.mesh!r} on {topology} ({len(devices)} chips): {e}") from None
-    progs = programs(cfg, mesh)
-    unknown = sorted(set(only or ()) - set(progs))
+    progs, sampling = programs(cfg, mesh), sampler_programs(cfg, mesh, prompt_len)
+    unknown = sorted(set(only or ()) - set(progs) - set(sampling))
     if unknown:
-        raise UsageError(f"--programs {', '.join(unknown)}: known programs: {', '.join(progs)}")
+        raise UsageError(f"--programs {', '.join(unknown)}: known programs: {', '.join([*progs, *sampling])}")
+    where = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape)}
     rows = []
     for name, fn in progs.items():
         if only and name not in only:
             continue
         print(f"compiling {name} for {topology} ...", file=sys.stderr)
-        row = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), **compile_program(name, fn, hbm)}
+        row = {**where, **compile_program(name, fn, hbm)}
         if suggest_fit and not row["fits"]:
             row["suggestion"] = suggest(name, cfg, mesh, hbm)
         rows.append(row)
+    for name, fn in sampling.items():
+        if only and name not in only:
+            continue
+        print(f"compiling the {name} sampler calls for {topology} ...", file=sys.stderr)
+        rows.extend({**where, **row} for row in sampler_rows(name, fn, hbm))
     if out:
         write_json_atomic(os.path.join(out, "aot.json"), {"preset": preset, "topology": topology, "set": list(overrides),
+                                                          "prompt_len": prompt_len, "rubric_tokens": RUBRIC_TOKENS,
                                                           "config": dataclasses.asdict(cfg), "programs": rows})
     return rows
 
@@ -300,10 +398,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a loop setting")
     ap.add_argument("--programs", nargs="+", default=None, help="compile only these (default: all)")
     ap.add_argument("--out", default=None, help="write DIR/aot.json")
+    ap.add_argument("--prompt-len", type=int, default=512, help="tokens of an actor prompt (judge and meta-judge "
+                    f"prompts add the texts they read and {RUBRIC_TOKENS} tokens of rubric)")
     ap.add_argument("--suggest", action="store_true", help="for a program that does not fit, compile it again with "
                     "more gradient accumulation, remat, or a smaller reference batch, and say which setting fits")
     args = ap.parse_args(argv)
-    rows = run(args.preset, args.topology, args.set, args.programs, args.out, suggest_fit=args.suggest)
+    if args.prompt_len < 1:
+        raise UsageError(f"--prompt-len {args.prompt_len}: must be >= 1")
+    rows = run(args.preset, args.topology, args.set, args.programs, args.out, suggest_fit=args.suggest,
+               prompt_len=args.prompt_len)
     print(table(rows))
     return 0 if all(r["compiled"] for r in rows) else 1
 

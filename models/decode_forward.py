@@ -20,7 +20,7 @@ from flax import nnx
 from attention_kernels.dispatch import merge_attention
 from attention_kernels.xla_attention import grouped_attention
 from models.decode_cache import _DecodeCache
-from models.executables import _run
+from models.executables import _run, compiling_only
 from models.llama import Llama, rope_inv_freq, rope_tables, rotate_halves
 from models.placement import _shard_ctx
 from models.sharding import constrain
@@ -58,10 +58,14 @@ class _DecodeWeights:
 
 
 def _feature_major(model: Llama) -> bool:
-    """Whether decoding runs feature-major: on CPU, unless ``_FEATURE_MAJOR`` says otherwise."""
+    """Whether decoding runs feature-major: on CPU, unless ``_FEATURE_MAJOR`` says otherwise. The
+    devices the parameters are placed on decide (abstract ones too: a compile for a TPU topology)."""
     if _FEATURE_MAJOR is not None:
         return _FEATURE_MAJOR
-    return all(d.platform == "cpu" for d in model.embedding_vd[...].devices())
+    sharding = getattr(model.embedding_vd.get_value(), "sharding", None)
+    if sharding is None:
+        return jax.default_backend() == "cpu"
+    return all(d.platform == "cpu" for d in sharding.device_set)
 
 
 _FEATURE_MAJOR: Optional[bool] = None  # None: by platform; tests set it to run both layouts
@@ -100,13 +104,14 @@ def _decode_weights(model: Llama, graphdef, state) -> _DecodeWeights:
     _WEIGHTS_CACHE.clear()  # frees the previous copies before making new ones
     tied = model.config.tie_word_embeddings
     if not fm and not tied:
-        weights = _DecodeWeights(head=model.lm_head_dv[...], layers=[], feature_major=False)
+        weights = _DecodeWeights(head=model.lm_head_dv.get_value(), layers=[], feature_major=False)
     else:
         weights = _run("decode_weights", _decode_weights_fn, (graphdef, fm), (state,),
                        desc="transposed weights" if fm else "transposed tied embedding")
         if fm and tied:
-            weights = dataclasses.replace(weights, head=model.embedding_vd[...])
-    _WEIGHTS_CACHE[:] = [([weakref.ref(x) for x in leaves], weights)]
+            weights = dataclasses.replace(weights, head=model.embedding_vd.get_value())
+    if not compiling_only():  # abstract parameters are not kept
+        _WEIGHTS_CACHE[:] = [([weakref.ref(x) for x in leaves], weights)]
     return weights
 
 

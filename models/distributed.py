@@ -258,8 +258,11 @@ def to_host(x: Any) -> np.ndarray:
     """``x`` as a numpy array on every process.
 
     A ``jax.Array`` sharded over devices of several processes is gathered (every process must call
-    this at the same point: it is a collective); a replicated one is read from a local copy.
+    this at the same point: it is a collective); a replicated one is read from a local copy. A
+    ``jax.ShapeDtypeStruct`` (`models.executables.compile_only`: nothing ran) reads as zeros.
     """
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return np.zeros(x.shape, x.dtype)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))

@@ -481,7 +481,9 @@ def compute_copy(model: Llama) -> Llama:
         return model
     graphdef, state = nnx.split(model)
     dt = jnp.dtype(c.dtype)
-    state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    cast = lambda x: (jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding) if isinstance(x, jax.ShapeDtypeStruct)
+                      else x.astype(dt))  # abstract parameters: an ahead-of-time compile (`models.executables`)
+    state = jax.tree.map(lambda x: cast(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
     copy = nnx.merge(graphdef, state)
     copy.config = c.replace(param_dtype=c.dtype)
     return copy

@@ -1,7 +1,8 @@
 """Where the sampler's and scorer's arrays live on a mesh: the model's sharding context, the batch
 multiple a mesh needs, sharding constraints on pytrees, host inputs placed as global arrays, and
 constants created in place with their sharding. Without a mesh (``ctx is None``) these are plain
-``jnp`` arrays.
+``jnp`` arrays; under `models.executables.compile_only` they are ``jax.ShapeDtypeStruct``s with the
+sharding they would have.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.distributed import put_global
+from models.executables import compiling_only
 from models.llama import Llama
 from models.sharding import ShardingContext, data_parallel_size
 
@@ -36,6 +38,9 @@ def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any
 
 def _put(ctx: Optional[ShardingContext], x: Any, axes: tuple) -> Array:
     """Host data (the same on every process) as an array laid out by ``axes`` on the mesh."""
+    if compiling_only():
+        x = np.asarray(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=None if ctx is None else ctx.sharding(axes, x.shape))
     if ctx is None:
         return jnp.asarray(x)
     x = np.asarray(x)
@@ -49,6 +54,8 @@ def _full_fn(shape: tuple, fill: Any, dtype: Any, sharding: Any):
 
 def _full(ctx: Optional[ShardingContext], shape: tuple, fill: Any, dtype: Any, axes: tuple) -> Array:
     """A constant array created in place with its sharding (never whole on one device first)."""
+    if compiling_only():
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=None if ctx is None else ctx.sharding(axes, tuple(shape)))
     if ctx is None:
         return jnp.full(shape, fill, dtype)
     return _full_fn(tuple(shape), fill, jnp.dtype(dtype), ctx.sharding(axes, shape))()

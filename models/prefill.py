@@ -1,6 +1,7 @@
 """Prefilling prompts into the decode cache: a prefix shared by every prompt prefilled once and kept
 once, the rest in groups of similar length (`_length_groups`), each padded to its own prompt bucket
-and run in chunks for long prompts. `_prefill` returns the cache and each prompt's last hidden state.
+and run in chunks for long prompts. `_prefill` returns the cache, each prompt's last hidden state and
+the number of cache slots filled.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]],
 
     Rows are prefilled in groups of similar length (`_length_groups`), each right-padded to its own
     bucket, so a few long prompts do not make every row pay for their length. ``h_last`` keeps, per
-    row, the hidden state of the row's last token in this call.
+    row, the hidden state of the row's last token in this call. Returns ``(cache, h_last, end)``:
+    ``end`` (a host int) is the slot after the widest group, where ``cache.end`` now stands.
     """
     ctx = _shard_ctx(model)
     rows = cache.pos.shape[0]
@@ -110,11 +112,12 @@ def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]],
             at = () if not extra else (_put(ctx, np.int32(start + s), ()),)
             cache, h_last = _run("prefill", _prefill_fn, (graphdef,), (state, cache, sl(tokens), sl(seg), sl(positions), last, h_last) + extra + at,
                                  donate=(1, 6), desc=f"batch {g} of {rows}, chunk {chunk}, capacity {cache.capacity}")
-    return cache, h_last
+    return cache, h_last, start + max(_prompt_bucket(int(lens[group].max()), buckets) for group in groups)
 
 
 def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int, buckets: Buckets):
-    """The prompts' KV cache ``[bp, ...]`` and the hidden state of each prompt's last token.
+    """The prompts' KV cache ``[bp, ...]``, the hidden state of each prompt's last token, and the
+    number of the rows' cache slots filled (a host int, the value of the cache's ``end``).
 
     A prefix shared by every prompt (a system prompt, a judge's rubric) of at least
     ``buckets.min_shared_prefix`` tokens is prefilled once and stays in the cache once, as its
@@ -144,7 +147,7 @@ def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int
         cache = new_cache(bp, capacity)
     else:
         one = _batch_multiple(ctx)
-        first, _ = _prefill_part(model, graphdef, state, new_cache(one, head), new_h(one), [prompts[0][:shared]], 0, pad, buckets)
+        first, _, _ = _prefill_part(model, graphdef, state, new_cache(one, head), new_h(one), [prompts[0][:shared]], 0, pad, buckets)
         cache = _run("prefix", _prefix_fn, (ctx,), (new_cache(bp, capacity), first), donate=(0, 1),
                      desc=f"{bp} rows of capacity {capacity} after a shared prefix of {head} slots")
     return _prefill_part(model, graphdef, state, cache, new_h(bp), [p[shared:] for p in prompts], shared, pad, buckets)

@@ -63,7 +63,7 @@ from models.buckets import DEFAULT_BUCKETS, Buckets, _check_prompts, _round_up, 
 from models.decode_cache import _cache_axes, _cache_rows, _grow_fn
 from models.decode_forward import _decode_weights, _forward, _logits
 from models.distributed import put_global, to_host
-from models.executables import _run
+from models.executables import _run, compiling_only
 from models.llama import Llama, compute_copy
 from models.placement import _batch_multiple, _constrain_tree, _put, _shard_ctx
 from models.prefill import _prefill
@@ -157,11 +157,21 @@ def _put_rows(ctx: Optional[ShardingContext], rows: _Rows) -> _Rows:
 def _put_keys(ctx: ShardingContext, keys: Array) -> Array:
     """Per-row PRNG keys laid out over the batch axes (through their raw data on a multi-process mesh)."""
     sharding = ctx.sharding(("batch",), keys.shape)
+    if compiling_only():
+        return jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=sharding)
     if sharding.is_fully_addressable:
         return jax.device_put(keys, sharding)
     data = np.asarray(jax.random.key_data(keys))
     raw = put_global(data, ctx.sharding(("batch", None), data.shape))
     return jax.random.wrap_key_data(raw, impl=jax.random.key_impl(keys))
+
+
+def _progress(rows: _Rows, cache: Any, planned_n: int, planned_end: int) -> tuple[int, bool, int]:
+    """Tokens generated so far, whether every row is done, and the cache slots filled. Under
+    `models.executables.compile_only` nothing ran: the planned counts (no row stops early)."""
+    if isinstance(rows.n, jax.ShapeDtypeStruct):
+        return planned_n, False, planned_end
+    return int(to_host(rows.n)), bool(to_host(jnp.all(rows.done))), int(to_host(cache.end))
 
 
 def generate(
@@ -206,7 +216,7 @@ def generate(
     pad = int(pad_id if pad_id is not None else (c.pad_token_id or 0))
     mode = _Mode(greedy=greedy, top_k=0 if greedy or top_k >= c.vocab_size else int(top_k), top_p=not greedy and top_p < 1.0)
     graphdef, state = nnx.split(model)
-    cache, h_last = _prefill(model, graphdef, state, prompts, bp, pad, buckets)
+    cache, h_last, end = _prefill(model, graphdef, state, prompts, bp, pad, buckets)
 
     src = np.zeros((bd,), np.int32)
     src[:r] = np.arange(r) // n_samples
@@ -233,12 +243,15 @@ def generate(
     cache, rows = _run("start", _start_fn, (graphdef, mode, expand), (state, weights, cache, h_last, _put(ctx, src, ("batch",)), rows, knobs),
                        donate=(5,) if expand else (2, 5), desc=f"{bp} prompts -> {bd} rows, capacity {cache.capacity}, {mode}")
     del h_last
-    while int(to_host(rows.n)) < max_new_tokens and not bool(to_host(jnp.all(rows.done))):
-        if int(to_host(cache.end)) >= cache.capacity:
+    n, done, end = _progress(rows, cache, 1, end)
+    while n < max_new_tokens and not done:
+        if end >= cache.capacity:
             grown = bucket(cache.capacity + 1, buckets.min_capacity, buckets.capacity_steps)
             cache = _run("grow", _grow_fn, (ctx, grown), (cache,), desc=f"batch {bd}, capacity {cache.capacity} -> {grown}")
         cache, rows = _run("decode", _decode_fn, (graphdef, mode), (state, weights, cache, rows, knobs), donate=(2, 3),
                            desc=f"batch {bd}, capacity {cache.capacity}, {nb} new, {mode}")
+        steps = min(cache.capacity - end, max_new_tokens - n)  # each step fills one slot and adds one token
+        n, done, end = _progress(rows, cache, n + steps, end + steps)
     del cache
     return (
         to_host(rows.tokens)[:r, :max_new_tokens], to_host(rows.length)[:r],

@@ -17,7 +17,7 @@ from unittest import mock
 
 import pytest
 
-from experiments.aot import collectives
+from experiments.aot import collectives, pallas_calls
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='libtpu not installed (pip install -e ".[tpu]")')
@@ -38,7 +38,7 @@ def _aot(tmp_path, topology, *args, preset="tiny"):
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e-4", "v4-8"])
 def test_every_program_compiles_with_the_pallas_kernels_and_reports_memory(tmp_path, topology):
-    res, rows = _aot(tmp_path, topology, "--set", "attention_impl=pallas")
+    res, rows = _aot(tmp_path, topology, "--set", "attention_impl=pallas", "--programs", "dpo_step", "reference_logps", "sft_step")
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["program"] for r in rows] == ["dpo_step", "reference_logps", "sft_step"]
     for r in rows:
@@ -48,6 +48,24 @@ def test_every_program_compiles_with_the_pallas_kernels_and_reports_memory(tmp_p
         assert r["pallas_calls"] >= 2, r
         assert r["collectives"]["all-gather"]["count"] > 0  # parameters are sharded over fsdp
     assert "| dpo_step |" in res.stdout
+
+
+@needs_libtpu
+def test_the_sampler_calls_compile_with_the_decode_kernel_and_xla_builds_none(tmp_path):
+    sampling = ["--programs", "actor", "judge", "judge_readout", "--prompt-len", "24"]
+    res, rows = _aot(tmp_path, "v5e-4", "--set", "attention_impl=pallas", *sampling)
+    assert res.returncode == 0, res.stderr[-3000:]
+    by_name = {r["program"]: r for r in rows}
+    # the judge's prompts share the rubric: prefilled once into the prefix every row attends to
+    assert {"actor.prefill", "actor.start", "actor.decode", "judge.prefill", "judge.prefix", "judge.start",
+            "judge.decode", "judge_readout.next_token"} <= set(by_name), sorted(by_name)
+    for r in rows:
+        assert r["compiled"] and r["fits"] and 0 < r["total_bytes"] < r["hbm_bytes"], r
+    assert by_name["actor.decode"]["pallas_calls"] >= 2  # the decode kernel in each of the 2 layers
+    assert by_name["actor.prefill"]["pallas_calls"] >= 2  # flash attention over the prompt
+    res, rows = _aot(tmp_path / "xla", "v5e-4", "--set", "attention_impl=xla", *sampling)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert all(r["pallas_calls"] == 0 for r in rows)
 
 
 @needs_libtpu
@@ -75,6 +93,16 @@ def test_unknown_topology_is_one_readable_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "experiments.aot", "--preset", "tiny", "--topology", "v9-1"],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "known topologies" in res.stderr
+
+
+def test_pallas_calls_leave_out_the_tpu_compilers_own_custom_calls():
+    hlo = """
+  %flash_fwd_tpu.2 = (f32[6,4,128,16]{3,2,1,0}, f32[6,4,128,1]{3,2,1,0}) custom-call(%a, %b), custom_call_target="tpu_custom_call"
+  %online-softmax.1 = f32[16,2,256,16]{3,2,1,0} custom-call(%c, %d), custom_call_target="tpu_custom_call", frontend_attributes={tiling="256,256"}
+  ROOT %decode_attention_tpu = f32[16,2,8,16]{3,2,1,0} custom-call(%e), custom_call_target="tpu_custom_call"
+  %sort = f32[8]{0} custom-call(%f), custom_call_target="Sort"
+"""
+    assert pallas_calls(hlo) == 2
 
 
 def test_collectives_are_counted_with_their_result_bytes():
