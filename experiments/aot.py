@@ -13,6 +13,8 @@ For the preset's settings (after ``--set``) it compiles
   accumulation;
 * ``reference_logps``: the reference model's log-probs of ``dpo.ref_batch_size`` pairs;
 * ``sft_step``: the SFT step on ``dpo.batch_size`` rows of ``dpo.max_len`` tokens;
+* ``future_dpo_step`` (``temporal=true``): the future model's DPO step (``future_dpo`` settings)
+  while M_t's parameters stay on the chips (it judges the future model's samples next);
 * ``actor``, ``judge``, ``meta_judge``: the sampler's ``generate`` as the loop calls it
   (``gen_batch_size // n`` prompts, ``n`` samples each, the role's ``max_new_tokens`` and
   sampling), run under `models.executables.compile_only`, so that every program a real call runs
@@ -221,7 +223,19 @@ def programs(cfg: LoopConfig, mesh: Any) -> dict[str, Callable[[], Any]]:
         step = TrainStep("sft", train, state, mesh, batch_size=dpo.batch_size)
         return step.jitted.lower(state, _batch(mesh, dpo.batch_size, dpo.max_len, _side_fields(("",))))
 
-    return {"dpo_step": dpo_step, "reference_logps": reference_logps, "sft_step": sft_step}
+    out = {"dpo_step": dpo_step, "reference_logps": reference_logps, "sft_step": sft_step}
+    if cfg.temporal:
+        def future_dpo_step():
+            fut = cfg.future_dpo or dpo
+            state = abstract_train_state(model, fut.train, mesh)
+            step = TrainStep("dpo", fut.train, state, mesh, batch_size=fut.batch_size)
+            fields = _side_fields(("chosen_", "rejected_")) + ["ref_chosen_logp", "ref_rejected_logp"]
+            resident = nnx.split(model)[1]  # M_t stays on the chips: it judges M_f's samples next
+            held = jax.jit(lambda st, batch, _resident: step.jitted(st, batch), donate_argnums=0, keep_unused=True)
+            return held.lower(state, _batch(mesh, fut.batch_size, fut.max_len, fields), resident)
+
+        out["future_dpo_step"] = future_dpo_step
+    return out
 
 
 def role_inputs(cfg: LoopConfig, prompt_len: int) -> dict[str, tuple[Sampling, int, int]]:

@@ -69,6 +69,19 @@ def test_the_sampler_calls_compile_with_the_decode_kernel_and_xla_builds_none(tm
 
 
 @needs_libtpu
+def test_the_temporal_future_dpo_step_holds_m_t_beside_it(tmp_path):
+    res, rows = _aot(tmp_path, "v5e-4", "--set", "temporal=true", "--programs", "dpo_step", "future_dpo_step")
+    assert res.returncode == 0, res.stderr[-3000:]
+    plain, future = rows
+    assert future["program"] == "future_dpo_step" and future["compiled"] and future["fits"]
+    # the same step, plus M_t's parameters resident as arguments
+    assert future["argument_bytes"] > plain["argument_bytes"]
+    res = subprocess.run([sys.executable, "-m", "experiments.aot", "--preset", "tiny", "--topology", "v5e-4",
+                          "--programs", "future_dpo_step"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "known programs" in res.stderr  # only with temporal=true
+
+
+@needs_libtpu
 def test_auto_on_a_tpu_mesh_builds_mosaic_kernels_and_xla_builds_none(tmp_path):
     res, rows = _aot(tmp_path, "v5e-4", "--set", "attention_impl=auto", "--programs", "reference_logps")
     assert res.returncode == 0, res.stderr[-3000:]
