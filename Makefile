@@ -65,8 +65,9 @@ $(TPU_VENV)/.installed-test: $(TPU_VENV)/.installed
 	touch $@
 
 # The ahead-of-time TPU compile tests, which `make test` skips for want of libtpu: run with the
-# libtpu venv (base install + libtpu + pytest): the tiny preset compiled for v5e-4 and v4-8, and the
-# Colab notebook's DPO step for v5e-1.
+# libtpu venv (base install + libtpu + pytest): the tiny preset's training programs compiled for
+# v5e-4 and v4-8, its sampler calls, readouts and temporal future DPO step for v5e-4, and the Colab
+# notebook's DPO step for v5e-1.
 test-aot: $(TPU_VENV)/.installed-test
 	$(TPU_VENV)/bin/python -m pytest -q tests/experiments/test_aot.py
 

@@ -31,7 +31,8 @@ and prints one row per program: compile seconds, per-device bytes (arguments, ou
 temporaries, generated code, total), the chip's HBM, whether it fits and by how much, the number
 of Pallas (Mosaic) kernel calls in the compiled program, and the collectives per step (count and
 bytes of all-gather, reduce-scatter, all-reduce, all-to-all, from the compiled HLO). ``--out DIR``
-writes the rows to ``DIR/aot.json``. ``--suggest`` compiles a program that does not fit again
+writes the rows to ``DIR/aot.json``, after each program (``"complete": false`` and the program being
+compiled until the end, so a compiler crash leaves the rows before it). ``--suggest`` compiles a program that does not fit again
 with more gradient accumulation, remat, or a smaller reference batch, and names the first
 setting that fits (or says none of those tried does). The compiler plans for the HBM it has, so read "fits", not
 the bytes, as the verdict; this is a compile-time result, not a run on a TPU.
@@ -383,11 +384,23 @@ def run(preset: str, topology: str, overrides: Sequence[str] = (), only: Optiona
     if unknown:
         raise UsageError(f"--programs {', '.join(unknown)}: known programs: {', '.join([*progs, *sampling])}")
     where = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape)}
-    rows = []
+    rows: list[dict] = []
+
+    def save(pending: Optional[str]) -> None:
+        """``out/aot.json`` with the rows so far, written atomically after each program, so a
+        compiler that aborts the process (a failed internal check) leaves what was compiled and
+        names the program it was compiling."""
+        if out:
+            write_json_atomic(os.path.join(out, "aot.json"), {
+                "preset": preset, "topology": topology, "set": list(overrides), "prompt_len": prompt_len,
+                "rubric_tokens": RUBRIC_TOKENS, "config": dataclasses.asdict(cfg), "programs": rows,
+                "complete": pending is None, "compiling": pending})
+
     for name, fn in progs.items():
         if only and name not in only:
             continue
         print(f"compiling {name} for {topology} ...", file=sys.stderr)
+        save(name)
         row = {**where, **compile_program(name, fn, hbm)}
         if suggest_fit and not row["fits"]:
             row["suggestion"] = suggest(name, cfg, mesh, hbm)
@@ -396,11 +409,9 @@ def run(preset: str, topology: str, overrides: Sequence[str] = (), only: Optiona
         if only and name not in only:
             continue
         print(f"compiling the {name} sampler calls for {topology} ...", file=sys.stderr)
+        save(name)
         rows.extend({**where, **row} for row in sampler_rows(name, fn, hbm))
-    if out:
-        write_json_atomic(os.path.join(out, "aot.json"), {"preset": preset, "topology": topology, "set": list(overrides),
-                                                          "prompt_len": prompt_len, "rubric_tokens": RUBRIC_TOKENS,
-                                                          "config": dataclasses.asdict(cfg), "programs": rows})
+    save(None)
     return rows
 
 

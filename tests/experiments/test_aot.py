@@ -74,6 +74,8 @@ def test_the_temporal_future_dpo_step_holds_m_t_beside_it(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     plain, future = rows
     assert future["program"] == "future_dpo_step" and future["compiled"] and future["fits"]
+    saved = json.loads((tmp_path / "v5e-4" / "aot.json").read_text())  # written after each program
+    assert saved["complete"] is True and saved["compiling"] is None
     # the same step, plus M_t's parameters resident as arguments
     assert future["argument_bytes"] > plain["argument_bytes"]
     res = subprocess.run([sys.executable, "-m", "experiments.aot", "--preset", "tiny", "--topology", "v5e-4",
