@@ -67,8 +67,8 @@ def _run(name: str, fn, static: tuple, args: tuple, donate: tuple[int, ...] = ()
     if _RECORD is not None:
         if all(r["key"] != key for r in _RECORD):  # compiled now or earlier in the process: recorded once
             _RECORD.append({"name": name, "desc": desc, "compiled": exe, "seconds": _SECONDS[key], "key": key})
-        shapes = jax.eval_shape(functools.partial(fn, *static), *args)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, exe.output_shardings)
+        # the compiled program's outputs, without their layouts
+        return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding), exe.out_info)
     return exe(*args)
 
 

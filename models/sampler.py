@@ -169,7 +169,7 @@ def _put_keys(ctx: ShardingContext, keys: Array) -> Array:
 def _progress(rows: _Rows, cache: Any, planned_n: int, planned_end: int) -> tuple[int, bool, int]:
     """Tokens generated so far, whether every row is done, and the cache slots filled. Under
     `models.executables.compile_only` nothing ran: the planned counts (no row stops early)."""
-    if isinstance(rows.n, jax.ShapeDtypeStruct):
+    if compiling_only():
         return planned_n, False, planned_end
     return int(to_host(rows.n)), bool(to_host(jnp.all(rows.done))), int(to_host(cache.end))
 
