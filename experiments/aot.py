@@ -208,11 +208,16 @@ def programs(cfg: LoopConfig, mesh: Any) -> dict[str, Callable[[], Any]]:
     train = dpo.train
     model = abstract_model(config, mesh)
 
-    def dpo_step():
-        state = abstract_train_state(model, train, mesh)
-        step = TrainStep("dpo", train, state, mesh, batch_size=dpo.batch_size)
+    def dpo_inputs(run):
+        """The DPO step of ``run`` (a DPORunConfig) with its abstract state and batch."""
+        state = abstract_train_state(model, run.train, mesh)
+        step = TrainStep("dpo", run.train, state, mesh, batch_size=run.batch_size)
         fields = _side_fields(("chosen_", "rejected_")) + ["ref_chosen_logp", "ref_rejected_logp"]
-        return step.jitted.lower(state, _batch(mesh, dpo.batch_size, dpo.max_len, fields))
+        return step, state, _batch(mesh, run.batch_size, run.max_len, fields)
+
+    def dpo_step():
+        step, state, batch = dpo_inputs(dpo)
+        return step.jitted.lower(state, batch)
 
     def reference_logps():
         graphdef, params = nnx.split(model)
@@ -227,13 +232,10 @@ def programs(cfg: LoopConfig, mesh: Any) -> dict[str, Callable[[], Any]]:
     out = {"dpo_step": dpo_step, "reference_logps": reference_logps, "sft_step": sft_step}
     if cfg.temporal:
         def future_dpo_step():
-            fut = cfg.future_dpo or dpo
-            state = abstract_train_state(model, fut.train, mesh)
-            step = TrainStep("dpo", fut.train, state, mesh, batch_size=fut.batch_size)
-            fields = _side_fields(("chosen_", "rejected_")) + ["ref_chosen_logp", "ref_rejected_logp"]
+            step, state, batch = dpo_inputs(cfg.future_dpo or dpo)
             resident = nnx.split(model)[1]  # M_t stays on the chips: it judges M_f's samples next
-            held = jax.jit(lambda st, batch, _resident: step.jitted(st, batch), donate_argnums=0, keep_unused=True)
-            return held.lower(state, _batch(mesh, fut.batch_size, fut.max_len, fields), resident)
+            held = jax.jit(lambda st, b, _resident: step.jitted(st, b), donate_argnums=0, keep_unused=True)
+            return held.lower(state, batch, resident)
 
         out["future_dpo_step"] = future_dpo_step
     return out

@@ -36,11 +36,17 @@ def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any
     return jax.tree.map(ctx.constrain, tree, axes)
 
 
+def _placed_shape(ctx: Optional[ShardingContext], shape: tuple, dtype: Any, axes: tuple) -> jax.ShapeDtypeStruct:
+    """What `_put` or `_full` would make, as a ``ShapeDtypeStruct`` (`models.executables.compile_only`)."""
+    shape = tuple(shape)
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=None if ctx is None else ctx.sharding(axes, shape))
+
+
 def _put(ctx: Optional[ShardingContext], x: Any, axes: tuple) -> Array:
     """Host data (the same on every process) as an array laid out by ``axes`` on the mesh."""
     if compiling_only():
         x = np.asarray(x)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=None if ctx is None else ctx.sharding(axes, x.shape))
+        return _placed_shape(ctx, x.shape, x.dtype, axes)
     if ctx is None:
         return jnp.asarray(x)
     x = np.asarray(x)
@@ -55,7 +61,7 @@ def _full_fn(shape: tuple, fill: Any, dtype: Any, sharding: Any):
 def _full(ctx: Optional[ShardingContext], shape: tuple, fill: Any, dtype: Any, axes: tuple) -> Array:
     """A constant array created in place with its sharding (never whole on one device first)."""
     if compiling_only():
-        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=None if ctx is None else ctx.sharding(axes, tuple(shape)))
+        return _placed_shape(ctx, shape, dtype, axes)
     if ctx is None:
         return jnp.full(shape, fill, dtype)
     return _full_fn(tuple(shape), fill, jnp.dtype(dtype), ctx.sharding(axes, shape))()

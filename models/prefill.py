@@ -92,9 +92,11 @@ def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]],
     lens[: len(parts)] = [len(p) for p in parts]
     start = int(to_host(cache.end))
     groups = _length_groups(lens, _batch_multiple(ctx), buckets)
+    end = start
     for group in groups:  # each group's call leaves ``cache.end`` at the widest group's end so far
         g = len(group)
         width = _prompt_bucket(int(lens[group].max()), buckets)
+        end = max(end, start + width)
         # Attention scores [rows, N, chunk, capacity] in float32 stay under ~1 GiB.
         limit = max(16, (1 << 28) // (g * model.config.num_heads * cache.capacity))
         chunk = width if width <= min(limit, buckets.prefill_chunk) else math.gcd(width, 1 << int(math.log2(min(limit, buckets.prefill_chunk))))
@@ -112,7 +114,7 @@ def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]],
             at = () if not extra else (_put(ctx, np.int32(start + s), ()),)
             cache, h_last = _run("prefill", _prefill_fn, (graphdef,), (state, cache, sl(tokens), sl(seg), sl(positions), last, h_last) + extra + at,
                                  donate=(1, 6), desc=f"batch {g} of {rows}, chunk {chunk}, capacity {cache.capacity}")
-    return cache, h_last, start + max(_prompt_bucket(int(lens[group].max()), buckets) for group in groups)
+    return cache, h_last, end
 
 
 def _prefill(model, graphdef, state, prompts: list[list[int]], bp: int, pad: int, buckets: Buckets):
