@@ -212,6 +212,7 @@ def _difficulty(difficulty: Optional[ArrayLike], n: int) -> np.ndarray:
     return gamma
 
 
+# Same arguments as ``fit_length_glm``, which it calls: the fit and its win rate take one input.
 def lc_win_rate(
     preferences: ArrayLike,
     model_lengths: ArrayLike,

@@ -159,6 +159,7 @@ def judge(
     return out
 
 
+# Same options as ``judge``: the loop and the evaluation call the two roles alike.
 def meta_judge(
     model,
     tokenizer,
