@@ -52,7 +52,7 @@ from metajudge.trainer import DPORunConfig, RunConfig, resolve_mesh, train_loop
 from models import create_model, load_tokenizer
 from models.sources import load_model_and_tokenizer
 
-SEED_FORMAT = 4  # bump when the seed's data or training changes in a way no setting shows
+SEED_FORMAT = 5  # bump when the seed's data or training changes in a way no setting shows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ Judgment and meta-judgment formats (the assistant's side of the judge and meta-j
     Expected: 1 3 4 4 8
     Check: 1 1 + 4 3 - 4 4 + 3 4 - 8 8 +
     Score: 3
-    A gives 3, mine 3, off 0. B gives 4, mine 3, off 1. So 0 < 1.
+    Distance: A 3 3 0, B 4 3 1. So 0 < 1.
     Winner: Judgment A
 
 ``Got`` restates the response's digits, ``Expected`` works the answer out, ``Check`` gives per
@@ -41,7 +41,9 @@ missing, ``_`` standing for a missing digit) and one ``x`` per extra digit, so e
 follows the two digits it compares; a faithful judgment's score is the count of ``+`` minus the
 count of ``x``. A meta-judgment first judges the response itself (the same format, taught from
 gold judgments), then states how far each judgment's score is from its own and names the closer
-one: every step is a copy or a small lookup the tiny model can execute. The gold winner is the
+one: every step is a copy or a small lookup the tiny model can execute. ``Distance`` is written
+like ``Check``: per judgment its score, the meta-judge's own score and their distance, so each
+distance follows the two digits it is computed from. The gold winner is the
 judgment whose score is closer to the gold grade.
 
 Everything random here is drawn from :func:`rng_for`, a ``random.Random`` seeded by a SHA-256 of
@@ -345,16 +347,17 @@ def render_meta_judgment(own: Judgment, a: Judgment, b: Judgment, winner: str) -
         Expected: 1 3 4 4 8
         Check: 1 1 + 4 3 - 4 4 + 3 4 - 8 8 +
         Score: 3
-        A gives 3, mine 3, off 0. B gives 4, mine 3, off 1. So 0 < 1.
+        Distance: A 3 3 0, B 4 3 1. So 0 < 1.
         Winner: Judgment A
 
-    Each step reads tokens just written: ``off`` is the distance of the two digits before it, the
-    comparison copies the two offs side by side, the winner follows the sign.
+    Each step reads tokens just written: a distance is that of the two digits right before it (the
+    judgment's score, then its own), as a ``Check`` mark follows the two digits it compares; the
+    comparison copies the two distances side by side, the winner follows the sign.
     """
     off_a, off_b = abs(a.score - own.score), abs(b.score - own.score)
     cmp = "<" if off_a < off_b else (">" if off_a > off_b else "=")
-    return (f"{own.text}\nA gives {a.score}, mine {own.score}, off {off_a}. "
-            f"B gives {b.score}, mine {own.score}, off {off_b}. So {off_a} {cmp} {off_b}.\nWinner: Judgment {winner}")
+    return (f"{own.text}\nDistance: A {a.score} {own.score} {off_a}, B {b.score} {own.score} {off_b}. "
+            f"So {off_a} {cmp} {off_b}.\nWinner: Judgment {winner}")
 
 
 def gold_winner(gold_score: int, score_a: float, score_b: float) -> Optional[str]:

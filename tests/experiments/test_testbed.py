@@ -87,7 +87,7 @@ def test_meta_judgment_names_the_judgment_closer_to_gold():
     own = tb.gold_judgment(p, "1 3 4 8 4")
     a, b = own, dataclasses.replace(own, score=4)
     text = tb.render_meta_judgment(own, a, b, "A")
-    assert text == own.text + "\nA gives 3, mine 3, off 0. B gives 4, mine 3, off 1. So 0 < 1.\nWinner: Judgment A"
+    assert text == own.text + "\nDistance: A 3 3 0, B 4 3 1. So 0 < 1.\nWinner: Judgment A"
     assert text.startswith("Got: 1 3 4 8 4\nExpected: 1 3 4 4 8\n")
     assert parse_winner(text) == "A"
 
