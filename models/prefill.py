@@ -97,8 +97,10 @@ def _prefill_part(model, graphdef, state, cache, h_last, parts: list[list[int]],
         g = len(group)
         width = _prompt_bucket(int(lens[group].max()), buckets)
         end = max(end, start + width)
-        # Attention scores [rows, N, chunk, capacity] in float32 stay under ~1 GiB.
-        limit = max(16, (1 << 28) // (g * model.config.num_heads * cache.capacity))
+        # Attention scores [rows, N, chunk, capacity] in float32 stay under ~1 GiB on each device.
+        heads = model.config.num_heads
+        split = 1 if ctx is None else ctx.shards(("batch", "act_heads"), (g, heads))
+        limit = max(16, (1 << 28) * split // (g * heads * cache.capacity))
         chunk = width if width <= min(limit, buckets.prefill_chunk) else math.gcd(width, 1 << int(math.log2(min(limit, buckets.prefill_chunk))))
         tokens = np.full((g, width), pad, np.int32)
         seg = np.zeros((g, width), np.int32)

@@ -158,6 +158,12 @@ class ShardingContext:
     def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
 
+    def shards(self, logical_axes: Sequence[str | None], shape: Sequence[int]) -> int:
+        """How many pieces an array of ``shape`` with these axes is split into (each device holds
+        ``1/shards`` of it)."""
+        spec = logical_to_spec(logical_axes, shape, self.mesh, self.rule_map)
+        return math.prod(_mesh_size(self.mesh, axes) for axes in spec)
+
 
 def constrain(ctx: ShardingContext | None, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation; a no-op without a mesh."""

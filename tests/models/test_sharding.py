@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import models
-from models.sharding import logical_to_spec, make_mesh
+from models.sharding import ShardingContext, logical_to_spec, make_mesh
 from tests.models.oracle import hf_logits, make_hf_checkpoint, max_rel_err
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
@@ -31,6 +31,16 @@ def test_rules_replicate_dimensions_that_do_not_divide():
     # SmolLM2 has 3 KV heads: tensor=2 cannot split them, so that dimension is replicated.
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), (576, 3, 64), mesh) == P("fsdp")
     assert logical_to_spec(("batch", "length"), (8, 5), mesh) == P(("data", "fsdp"))
+
+
+@pytest.mark.parametrize("spec, shape", [("data=2,fsdp=2,tensor=2", (8, 4)), ("fsdp=2,tensor=4", (8, 4)),
+                                         ("fsdp=2,tensor=4", (8, 3)), ("fsdp=8", (4, 4))])
+def test_shards_is_how_many_pieces_jax_cuts_the_array_into(spec, shape):
+    ctx = ShardingContext(make_mesh(spec))
+    axes = ("batch", "act_heads")
+    x = jax.device_put(np.zeros(shape, np.float32), ctx.sharding(axes, shape))
+    per_device = {s.data.size for s in x.addressable_shards}
+    assert per_device == {x.size // ctx.shards(axes, shape)}
 
 
 def test_sharded_forward_on_2x2x2_mesh_equals_single_device(tmp_path):
