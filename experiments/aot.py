@@ -336,11 +336,14 @@ def table(rows: Sequence[dict]) -> str:
 
 def candidate_settings(name: str, cfg: LoopConfig, mesh: Any, limit: int = 8) -> list[list[str]]:
     """``--set`` lists that lower a program's memory, tried in order when it does not fit: for the
-    train steps, gradient accumulation doubled (while the batch divides), then remat; for the
-    reference pass, ``dpo.ref_batch_size`` halved (while a multiple of ``data*fsdp``)."""
+    train steps, windowed einsum off (it keeps the batch whole), then gradient accumulation doubled
+    (while the batch divides), then remat; for the reference pass, ``dpo.ref_batch_size`` halved
+    (while a multiple of ``data*fsdp``)."""
     dp = data_parallel_size(mesh)
     out: list[list[str]] = []
     if name in ("dpo_step", "sft_step"):
+        if cfg.dpo.train.windowed_einsum:
+            out.append(["dpo.train.windowed_einsum=false"])
         accum = cfg.dpo.train.grad_accum_steps * 2
         while len(out) < limit and cfg.dpo.batch_size % (dp * accum) == 0:
             out.append([f"dpo.train.grad_accum_steps={accum}"])

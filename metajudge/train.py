@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from metajudge.losses import dpo_loss, sft_loss_terms, token_logps
 from metajudge.train_state import TrainConfig, TrainState, make_optimizer, make_schedule, train_state_shardings
 from models.distributed import process_rows, put_global, put_process_rows, to_host
-from models.sharding import data_parallel_size
+from models.sharding import compiler_options, data_parallel_size
 
 Array = jax.Array
 Batch = dict[str, Any]
@@ -224,6 +224,7 @@ def _jit_update(kind: str, cfg: TrainConfig, state: TrainState, mesh: Optional[M
     return jax.jit(
         functools.partial(update, cfg=cfg, constrain_mb=constrain_mb),
         in_shardings=(sh, batch_sharding), out_shardings=(sh, replicated), donate_argnums=0,
+        compiler_options=compiler_options(mesh, windowed_einsum=cfg.windowed_einsum),
     )
 
 

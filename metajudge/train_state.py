@@ -48,6 +48,9 @@ class TrainConfig:
     # the backward pass, so [B, T, V] logits never exist; rows of at most this many loss positions
     # take the plain path (whole logits, nothing recomputed). 0: always the plain path.
     logits_chunk: int = 1024
+    # TPU only: let the compiler overlap the all-gathers of sharded matmuls with the matmuls
+    # (models.sharding.compiler_options). False trades that overlap for memory.
+    windowed_einsum: bool = True
     seed: int = 0
 
     def __post_init__(self):

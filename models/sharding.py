@@ -101,6 +101,20 @@ def data_parallel_size(mesh: Optional[Mesh]) -> int:
     return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def compiler_options(mesh: Optional[Mesh], *, windowed_einsum: bool = True) -> Optional[dict[str, Any]]:
+    """XLA options for a program compiled over ``mesh`` (``jax.jit(..., compiler_options=...)``).
+
+    ``windowed_einsum=False`` stops the TPU compiler from splitting the all-gather in front of a
+    sharded matmul into a loop overlapped with it (windowed einsum, or collective matmul): that
+    loop writes into an output buffer allocated ahead of it, and in a rematerialized backward pass
+    the buffers of every layer still to come are allocated at once. The price is the overlap of
+    those all-gathers with compute. None (the compiler's defaults) off TPU or when nothing is changed.
+    """
+    if windowed_einsum or mesh is None or mesh.devices.flat[0].platform != "tpu":
+        return None
+    return {"xla_tpu_enable_windowed_einsum_for_all_gather": False}
+
+
 def _mesh_size(mesh: Mesh, axes: Any) -> int:
     if axes is None:
         return 1

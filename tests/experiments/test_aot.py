@@ -156,8 +156,10 @@ def test_candidate_settings_keep_the_batch_divisible():
     cfg = resolve(get_preset("tiny", "meta_reward"))
     cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, batch_size=8, ref_batch_size=12))
     mesh = type("M", (), {"shape": {"data": 1, "fsdp": 2, "tensor": 1}})()
-    assert candidate_settings("dpo_step", cfg, mesh) == [["dpo.train.grad_accum_steps=2"], ["dpo.train.grad_accum_steps=4"],
-                                                         ["remat=true"]]
+    assert candidate_settings("dpo_step", cfg, mesh) == [["dpo.train.windowed_einsum=false"], ["dpo.train.grad_accum_steps=2"],
+                                                         ["dpo.train.grad_accum_steps=4"], ["remat=true"]]
+    no_we = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, train=cfg.dpo.train.replace(windowed_einsum=False)))
+    assert candidate_settings("dpo_step", no_we, mesh)[0] == ["dpo.train.grad_accum_steps=2"]
     assert candidate_settings("reference_logps", cfg, mesh) == [["dpo.ref_batch_size=6"]]  # 3 is not a multiple of 2
 
 
@@ -192,3 +194,20 @@ def test_the_notebooks_tpu_settings_fit_one_v5e_chip(tmp_path):
     (row,) = rows
     assert row["program"] == "dpo_step" and row["compiled"] and row["fits"] and row["chips"] == 1
     assert 0 < row["total_bytes"] < row["hbm_bytes"]
+
+
+@needs_libtpu
+def test_the_windowed_einsum_setting_reaches_the_tpu_compiler(tmp_path):
+    # The option is passed by name to libtpu, which refuses names it does not know ("No such compile
+    # option"): this compile fails if a libtpu release renames the flag.
+    res, rows = _aot(tmp_path, "v5e-4", "--programs", "dpo_step", "--set", "dpo.train.windowed_einsum=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert rows[0]["compiled"] and rows[0]["fits"]
+    code = ("import jax, numpy as np\n"
+            "from jax.experimental import topologies\n"
+            "from models.sharding import compiler_options, make_mesh\n"
+            "devs = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2', chips_per_host_bounds=(2, 2, 1)).devices\n"
+            "mesh = make_mesh('fsdp=4', devices=devs)\n"
+            "print(compiler_options(mesh, windowed_einsum=False), compiler_options(mesh))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "{'xla_tpu_enable_windowed_einsum_for_all_gather': False} None", out.stderr[-2000:]

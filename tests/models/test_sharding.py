@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import models
-from models.sharding import ShardingContext, logical_to_spec, make_mesh
+from models.sharding import ShardingContext, compiler_options, logical_to_spec, make_mesh
 from tests.models.oracle import hf_logits, make_hf_checkpoint, max_rel_err
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
@@ -41,6 +41,18 @@ def test_shards_is_how_many_pieces_jax_cuts_the_array_into(spec, shape):
     x = jax.device_put(np.zeros(shape, np.float32), ctx.sharding(axes, shape))
     per_device = {s.data.size for s in x.addressable_shards}
     assert per_device == {x.size // ctx.shards(axes, shape)}
+
+
+def test_compiler_options_change_nothing_off_tpu():
+    # The TPU flag would be refused by the CPU compiler ("No such compile option"): off TPU nothing is set.
+    mesh = make_mesh("fsdp=-1")
+    assert compiler_options(None, windowed_einsum=False) is None
+    assert compiler_options(mesh, windowed_einsum=False) is None
+    assert compiler_options(mesh) is None
+    step = jax.jit(lambda x: x * 2, compiler_options=compiler_options(mesh, windowed_einsum=False))
+    np.testing.assert_array_equal(step(jnp.arange(8.0)), np.arange(8.0) * 2)
+    with pytest.raises(Exception, match="No such compile option"):  # why the CPU gets none
+        jax.jit(lambda x: x * 2, compiler_options={"xla_tpu_enable_windowed_einsum_for_all_gather": False})(jnp.arange(8.0))
 
 
 def test_sharded_forward_on_2x2x2_mesh_equals_single_device(tmp_path):
