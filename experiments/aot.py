@@ -74,7 +74,8 @@ TOPOLOGIES: dict[str, tuple[str, Optional[str], float]] = {
     "v5e-32": ("v5e:4x8", None, 16), "v5e-256": ("v5e:16x16", None, 16),
     "v6e-4": ("v6e:2x2", None, 32), "v6e-32": ("v6e:4x8", None, 32), "v6e-64": ("v6e:8x8", None, 32),
     "v6e-256": ("v6e:16x16", None, 32),
-    "v4-8": ("v4:2x2x1", "megacore", 32), "v4-32": ("v4:2x2x4", "megacore", 32),
+    "v4-8": ("v4:2x2x1", "megacore", 32), "v4-16": ("v4:2x2x2", "megacore", 32),
+    "v4-32": ("v4:2x2x4", "megacore", 32),
     "v5p-32": ("v5:2x2x4", "megacore", 95), "v5p-64": ("v5:4x4x2", "megacore", 95),
 }
 # The architecture of a preset's model source, when it cannot be read from a local checkpoint.
