@@ -203,8 +203,7 @@ def test_the_windowed_einsum_setting_reaches_the_tpu_compiler(tmp_path):
     res, rows = _aot(tmp_path, "v5e-4", "--programs", "dpo_step", "--set", "dpo.train.windowed_einsum=false")
     assert res.returncode == 0, res.stderr[-3000:]
     assert rows[0]["compiled"] and rows[0]["fits"]
-    code = ("import jax, numpy as np\n"
-            "from jax.experimental import topologies\n"
+    code = ("from jax.experimental import topologies\n"
             "from models.sharding import compiler_options, make_mesh\n"
             "devs = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2', chips_per_host_bounds=(2, 2, 1)).devices\n"
             "mesh = make_mesh('fsdp=4', devices=devs)\n"
