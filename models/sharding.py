@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from attention_kernels import compat
+
 log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -110,7 +112,7 @@ def compiler_options(mesh: Optional[Mesh], *, windowed_einsum: bool = True) -> O
     the buffers of every layer still to come are allocated at once. The price is the overlap of
     those all-gathers with compute. None (the compiler's defaults) off TPU or when nothing is changed.
     """
-    if windowed_einsum or mesh is None or mesh.devices.flat[0].platform != "tpu":
+    if windowed_einsum or mesh is None or compat.platform(mesh) != "tpu":
         return None
     return {"xla_tpu_enable_windowed_einsum_for_all_gather": False}
 
