@@ -206,18 +206,25 @@ def test_chat_template_is_prefix_stable(tokenizer):
 # --------------------------------------------------------------------------------- a real run
 
 
+def _tiny_testbed(tmp_path, **kw):
+    from experiments import testbed as xt
+
+    return dataclasses.replace(
+        xt.quick_config(), iterations=1, prompts_per_iteration=4, prompts_per_shard=4,
+        cache_dir=str(tmp_path / "cache"), seed_training=dataclasses.replace(xt.SeedTraining(), steps=3),
+        data=dataclasses.replace(_small(), eval_meta_pairs=2, eval_judge_problems=2, n_eval_problems=2),
+        model=xt.ModelSize(hidden=32, layers=1, heads=2, mlp=64, max_positions=1024),
+        dpo=dataclasses.replace(xt.quick_config().dpo, batch_size=8),  # a multiple of the 8 test devices
+        **kw,
+    )
+
+
 def test_one_method_one_iteration_end_to_end(tmp_path):
     """Seed SFT (a few steps), one Meta-Rewarding iteration with the project's loop, gold metrics,
     the table; then a second call reuses the cached seed and the finished run."""
     from experiments import testbed as xt
 
-    cfg = dataclasses.replace(
-        xt.quick_config(), methods=("meta_reward",), iterations=1, prompts_per_iteration=4, prompts_per_shard=4,
-        cache_dir=str(tmp_path / "cache"), seed_training=dataclasses.replace(xt.SeedTraining(), steps=3),
-        data=dataclasses.replace(_small(), eval_meta_pairs=2, eval_judge_problems=2, n_eval_problems=2),
-        model=xt.ModelSize(hidden=32, layers=1, heads=2, mlp=64, max_positions=1024),
-        dpo=dataclasses.replace(xt.quick_config().dpo, batch_size=8),  # a multiple of the 8 test devices
-    )
+    cfg = _tiny_testbed(tmp_path, methods=("meta_reward",), workers=1)
     out = str(tmp_path / "run")
     res = xt.run_testbed(cfg, out, command="test")
     rows = res["rows"]["meta_reward"][0]
@@ -235,3 +242,48 @@ def test_one_method_one_iteration_end_to_end(tmp_path):
     again = xt.run_testbed(cfg, out, command="test")
     assert os.path.getmtime(os.path.join(seed_path, "manifest.json")) == built  # the cached seed, not a new one
     assert json.dumps(again["rows"]["meta_reward"][0]) == json.dumps(rows)  # read back, not recomputed
+
+
+def test_worker_processes_do_the_work_a_serial_rerun_then_reads_back(tmp_path):
+    """Two seeds in two worker processes (each pinned to its own core): every seed model is built
+    once, each worker logs to its own file, and a serial call afterwards finds every seed model,
+    run and evaluation finished and returns the same rows."""
+    from experiments import testbed as xt
+
+    cfg = _tiny_testbed(tmp_path, seeds=(0, 1), methods=("self_reward",), workers=2)
+    out = str(tmp_path / "run")
+    res = xt.run_testbed(cfg, out, command="test")
+    assert res["workers"] == 2
+    assert list(res["rows"]["self_reward"]) == [0, 1]  # seed order, whichever finished first
+    assert [r["iteration"] for r in res["rows"]["self_reward"][1]] == [0, 1]
+    logs = sorted(os.listdir(os.path.join(out, "logs")))
+    assert logs == ["worker-0.log", "worker-1.log"]
+    assert any("seed model ready" in open(os.path.join(out, "logs", f)).read() for f in logs)
+    built = {s: os.path.getmtime(os.path.join(xt.seed_dir(cfg, s), "manifest.json")) for s in (0, 1)}
+    again = xt.run_testbed(dataclasses.replace(cfg, workers=1), out, command="test")
+    assert again["workers"] == 1
+    assert {s: os.path.getmtime(os.path.join(xt.seed_dir(cfg, s), "manifest.json")) for s in (0, 1)} == built
+    assert json.dumps(again["rows"]) == json.dumps(res["rows"])
+
+
+def test_worker_count_is_one_per_core_and_seed_and_refuses_a_negative_one():
+    from experiments import testbed as xt
+    from experiments.cli import UsageError
+
+    cores = len(os.sched_getaffinity(0))
+    five = xt.TestbedConfig()  # seeds 0-4; the tests run on the CPU backend
+    assert xt.resolve_workers(five, tasks=25) == min(cores, 8, 5)
+    assert xt.resolve_workers(dataclasses.replace(five, seeds=(0,)), tasks=5) == 1  # one seed: one process
+    assert xt.resolve_workers(dataclasses.replace(five, workers=3), tasks=2) == 2
+    assert xt.resolve_workers(dataclasses.replace(five, workers=1), tasks=25) == 1
+    with pytest.raises(UsageError, match="workers=-1"):
+        xt.resolve_workers(dataclasses.replace(five, workers=-1), tasks=25)
+
+
+def test_a_repeated_seed_is_refused_before_any_work(tmp_path):
+    from experiments import testbed as xt
+    from experiments.cli import UsageError
+
+    with pytest.raises(UsageError, match=r"repeats a seed"):
+        xt.run_testbed(xt.TestbedConfig(seeds=(0, 1, 0)), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
