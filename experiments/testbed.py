@@ -453,13 +453,16 @@ def _run_workers(cfg: TestbedConfig, methods: list[str], out: str, rows: dict, t
     is kept: a rerun resumes)."""
     ctx = multiprocessing.get_context("spawn")  # never fork a process that has started JAX
     cores = _cores()
-    share = len(cores) // workers
+    # Every core to some worker; more workers than cores (asked for) share them all, unpinned.
+    shares = [cores[i::workers] for i in range(workers)] if workers <= len(cores) else [[] for _ in range(workers)]
     slots = ctx.Queue()
-    for i in range(workers):
-        slots.put((i, cores[i * share:(i + 1) * share] if share else []))
+    for i, share in enumerate(shares):
+        slots.put((i, share))
     log_dir = os.path.join(out, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    _log(f"{workers} worker processes ({share or 'shared'} core(s) each); their progress bars: {log_dir}/worker-<i>.log")
+    sizes = sorted({len(share) for share in shares})
+    pinned = f"pinned to {'-'.join(map(str, sizes))} core(s) each" if shares[0] else "not pinned"
+    _log(f"{workers} worker processes, {pinned}; their progress bars: {log_dir}/worker-<i>.log")
     with concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_init_worker,
             initargs=(slots, log_dir, jax.config.jax_compilation_cache_dir,
@@ -546,7 +549,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None,
-                    help="processes sharing the work on a CPU (default: one per core; 1: this process only)")
+                    help="processes sharing the work on a CPU (default: one per core, at most one per seed; "
+                         "1: this process only)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a TestbedConfig field by dotted name, e.g. dpo.train.learning_rate=1e-4")
     args = ap.parse_args(argv)
