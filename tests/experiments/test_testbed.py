@@ -244,7 +244,7 @@ def test_one_method_one_iteration_end_to_end(tmp_path):
     assert json.dumps(again["rows"]["meta_reward"][0]) == json.dumps(rows)  # read back, not recomputed
 
 
-def test_worker_processes_do_the_work_a_serial_rerun_then_reads_back(tmp_path):
+def test_worker_processes_do_the_work_a_serial_rerun_then_reads_back(tmp_path, capsys):
     """Two seeds in two worker processes (each pinned to its own core): every seed model is built
     once, each worker logs to its own file, and a serial call afterwards finds every seed model,
     run and evaluation finished and returns the same rows."""
@@ -254,6 +254,10 @@ def test_worker_processes_do_the_work_a_serial_rerun_then_reads_back(tmp_path):
     out = str(tmp_path / "run")
     res = xt.run_testbed(cfg, out, command="test")
     assert res["workers"] == 2
+    cores = len(os.sched_getaffinity(0))
+    per_worker = sorted({len(range(i, cores, 2)) for i in (0, 1)})  # round-robin: every core to one of the two
+    placed = "not pinned" if cores < 2 else f"pinned to {'-'.join(map(str, per_worker))} core(s) each"
+    assert f"2 worker processes, {placed}" in capsys.readouterr().err
     assert list(res["rows"]["self_reward"]) == [0, 1]  # seed order, whichever finished first
     assert [r["iteration"] for r in res["rows"]["self_reward"][1]] == [0, 1]
     logs = sorted(os.listdir(os.path.join(out, "logs")))
