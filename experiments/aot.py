@@ -77,8 +77,7 @@ TOPOLOGIES: dict[str, tuple[str, Optional[str], float]] = {
     "v4-8": ("v4:2x2x1", "megacore", 32), "v4-16": ("v4:2x2x2", "megacore", 32),
     "v4-32": ("v4:2x2x4", "megacore", 32),
     "v5p-8": ("v5:2x2x1", "megacore", 95), "v5p-16": ("v5:2x2x2", "megacore", 95),
-    "v5p-32": ("v5:2x2x4", "megacore", 95),
-    "v5p-64": ("v5:4x4x2", "megacore", 95),
+    "v5p-32": ("v5:2x2x4", "megacore", 95), "v5p-64": ("v5:4x4x2", "megacore", 95),
 }
 # The architecture of a preset's model source, when it cannot be read from a local checkpoint.
 _ARCH = {"meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b", "meta-llama/Meta-Llama-3-8B": "llama3-8b",

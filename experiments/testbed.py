@@ -451,8 +451,7 @@ def _run_workers(cfg: TestbedConfig, methods: list[str], out: str, rows: dict, t
     """The same work as :func:`_run_serial` in ``workers`` processes: every seed model first, each
     seed's method runs as soon as its model is ready. A failed task stops the run: the tasks not yet
     handed to a worker are cancelled, the ones already handed out finish first (finished work is
-    kept: a rerun resumes).
-    Ctrl-C reaches the workers too and stops them at once."""
+    kept: a rerun resumes). Ctrl-C reaches the workers too and stops them at once."""
     ctx = multiprocessing.get_context("spawn")  # never fork a process that has started JAX
     cores = _cores()
     # Every core to some worker; more workers than cores (asked for) share them all, unpinned.
