@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from typing import Callable, Optional
 
 import jax
@@ -37,19 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.results import emit
+from benchmarks.timing import timings
 from attention_kernels import compat
 from attention_kernels.flash_attention import flash_attention
 
 
 def _time(fn: Callable, args, iters: int) -> float:
     """Median seconds of ``fn(*args)`` (compiled once, one warm-up call)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timings(fn, *args, n=iters))
 
 
 def _fwd_bwd(attn: Callable) -> Callable:

@@ -37,6 +37,7 @@ import numpy as np
 
 import models
 from benchmarks.results import emit
+from benchmarks.timing import timings
 from metajudge.train import compute_reference_logps, first_loss_position, make_dpo_step
 from metajudge.train_state import TrainConfig, init_train_state
 from models.llama import get_config
@@ -53,14 +54,7 @@ def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     """Best float32 matmul rate of this machine through XLA, FLOP/s."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(timings(jax.jit(jnp.matmul), a, b, n=reps))
 
 
 def make_pairs(n_pairs: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:

@@ -26,6 +26,7 @@ import numpy as np
 
 import models
 from benchmarks.results import emit
+from benchmarks.timing import timings
 from models import sampler
 from models.buckets import Buckets
 from models.loading import embedded_gguf_path
@@ -70,13 +71,7 @@ class BackgroundLoad:
 def machine_peaks() -> dict:
     """Large fp32 matmul rate, decode-shaped matmul rate and memory read bandwidth, via XLA."""
     def best(f, *args, n=5):
-        jax.block_until_ready(f(*args))
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times.append(time.perf_counter() - t)
-        return min(times)
+        return min(timings(f, *args, n=n))
 
     a = jnp.ones((2048, 2048), jnp.float32)
     peak = 2 * 2048**3 / best(jax.jit(lambda x: x @ x), a)
