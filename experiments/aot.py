@@ -149,19 +149,33 @@ def _side_fields(prefixes: Sequence[str]) -> list[str]:
 
 
 def collectives(hlo: str) -> dict[str, dict[str, int]]:
-    """Count and result bytes of each collective op in compiled HLO text."""
+    """Count and result bytes of each collective op in compiled HLO text.
+
+    The TPU compiler may split one collective into a chain of asynchronous fusions that fill its
+    result a piece at a time; each link names the whole result and the chain's ``chain_id``, so a
+    chain counts once, with its largest link's bytes."""
     out = {c: {"count": 0, "bytes": 0} for c in _COLLECTIVES}
+    chains: dict[tuple[str, str], int] = {}
     for line in hlo.splitlines():
         m = re.search(r"=\s*(.*?)\s(" + "|".join(_COLLECTIVES) + r")(-start)?\(", line)
         if not m:
             continue
-        op = m.group(2)
-        out[op]["count"] += 1
+        op, size = m.group(2), 0
         for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1)):
             n = 1
             for d in filter(None, dims.split(",")):
                 n *= int(d)
-            out[op]["bytes"] += n * _DTYPE_BYTES.get(dt, 4)
+            size += n * _DTYPE_BYTES.get(dt, 4)
+        chain = re.search(r'chain_id="(\d+)"', line)
+        if chain:
+            key = (op, chain.group(1))
+            chains[key] = max(chains.get(key, 0), size)
+        else:
+            out[op]["count"] += 1
+            out[op]["bytes"] += size
+    for (op, _), size in chains.items():
+        out[op]["count"] += 1
+        out[op]["bytes"] += size
     return out
 
 

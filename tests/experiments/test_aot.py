@@ -133,6 +133,16 @@ def test_collectives_are_counted_with_their_result_bytes():
     assert c["reduce-scatter"] == {"count": 0, "bytes": 0}
 
 
+def test_a_collective_split_into_a_chain_of_fusions_counts_once():
+    # As the TPU compiler writes an all-gather it overlaps with compute: each link of the chain
+    # names the whole result ([32,64] bf16 = 4 KiB) and fills a piece of it.
+    link = ('  %all-gather.{} = bf16[32,64]{{1,0}} all-gather(bf16[4,64]{{1,0}} %param_0.{}), dimensions={{0}}, '
+            'frontend_attributes={{chain_id="{}"}}')
+    hlo = "\n".join([link.format(1, 1, 6), link.format(2, 2, 6), link.format(3, 3, 6), link.format(4, 4, 7),
+                     "  %all-gather.9 = bf16[8,8]{1,0} all-gather(bf16[1,8]{1,0} %p), dimensions={0}"])
+    assert collectives(hlo)["all-gather"] == {"count": 3, "bytes": 2 * 32 * 64 * 2 + 8 * 8 * 2}
+
+
 @needs_libtpu
 def test_suggest_names_the_first_setting_that_fits(tmp_path):
     res, rows = _aot(tmp_path, "v5e-4", "--programs", "reference_logps", "--set", "dpo.ref_batch_size=8192",
