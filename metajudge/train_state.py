@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metajudge.losses import DPO_LOSS_TYPES
 from models.distributed import put_global
+from models.llama import with_sharding
 from models.sharding import ShardingContext
 
 Array = jax.Array
@@ -141,11 +142,9 @@ def _split_model(model: nnx.Module, remat: bool, mesh: Optional[Mesh]) -> tuple[
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError("the model holds non-Param state; TrainState only carries nnx.Param variables")
-    clone = nnx.merge(graphdef, params)  # new module objects: the caller's model is left as it is
-    for _, node in nnx.iter_graph(clone):
-        if isinstance(node, nnx.Module) and hasattr(node, "shard"):
-            old = node.shard
-            node.shard = None if mesh is None else (ShardingContext(mesh) if old is None else ShardingContext(mesh, old.rules))
+    old = getattr(model, "shard", None)
+    clone = with_sharding(nnx.merge(graphdef, params),  # new module objects: the caller's model is left as it is
+                          None if mesh is None else (ShardingContext(mesh) if old is None else ShardingContext(mesh, old.rules)))
     if remat and hasattr(clone, "config"):
         clone.config = clone.config.replace(remat=True)
     return nnx.split(clone, nnx.Param)

@@ -415,6 +415,10 @@ class Llama(nnx.Module):
             pos_all = jax.lax.dynamic_update_slice(cache.pos, slot_pos, (0, cache.end))
             new_k, new_v = [], []
         for i, block in enumerate(self.layers):
+            if self.shard is not None and self.shard.weights_layer_by_layer and i + 1 < len(self.layers):
+                # The next layer's weights become available (to be gathered) with this layer's input.
+                x, ahead = jax.lax.optimization_barrier((x, nnx.state(self.layers[i + 1])))
+                nnx.update(self.layers[i + 1], ahead)
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], pos_all, cache.end)
             with jax.named_scope(f"layer_{i}"):
                 if c.remat and cache is None:
@@ -469,6 +473,17 @@ def create_model(config: LlamaConfig, *, seed: int = 0, mesh: Any = None) -> Lla
         return jax.lax.with_sharding_constraint(state, shardings)
 
     return nnx.merge(graphdef, init())
+
+
+def with_sharding(model: nnx.Module, shard: Optional[ShardingContext]) -> nnx.Module:
+    """``model`` with every activation constraint pointed at ``shard`` (another mesh or other
+    rules; None: none). New module objects sharing the same arrays: ``model`` is left as it is."""
+    graphdef, state = nnx.split(model)
+    clone = nnx.merge(graphdef, state)
+    for _, node in nnx.iter_graph(clone):
+        if isinstance(node, nnx.Module) and hasattr(node, "shard"):
+            node.shard = shard
+    return clone
 
 
 def compute_copy(model: Llama) -> Llama:

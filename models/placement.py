@@ -8,11 +8,13 @@ sharding they would have.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from models.distributed import put_global
 from models.executables import compiling_only
@@ -28,6 +30,26 @@ def _shard_ctx(model: Llama) -> Optional[ShardingContext]:
 
 def _batch_multiple(ctx: Optional[ShardingContext]) -> int:
     return data_parallel_size(None if ctx is None else ctx.mesh)
+
+
+def forward_shard(model: Llama, rows: int, tokens: int) -> Optional[ShardingContext]:
+    """The layout of one cache-free forward over ``rows`` sequences of ``tokens`` (the scorer's):
+    the model's own, or its `ShardingContext.rows_only` when that moves fewer bytes.
+
+    With tensor parallelism each layer gathers the residual of its rows twice and scatters it
+    twice, about ``4·L·(rows/dp)·tokens·D`` elements per device (dp: the data-parallel size);
+    with rows alone it gathers the layer's weights, about ``P`` elements (all parameters). Rows
+    alone is taken when ``P`` is the smaller and ``rows`` divides over every device: for an 8B
+    model (P = 8.0e9, L = 32, D = 4,096) on 32 chips with ``tensor=4``, 512 rows of 2,560 tokens
+    move 86e9 elements the first way and 8e9 the second.
+    """
+    ctx = _shard_ctx(model)
+    if ctx is None or ctx.mesh.shape.get("tensor", 1) == 1 or rows % ctx.mesh.size:
+        return ctx
+    c = model.config
+    activations = 4 * c.num_layers * (rows // data_parallel_size(ctx.mesh)) * tokens * c.hidden_size
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model)))
+    return ctx.rows_only() if params < activations else ctx
 
 
 def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any:

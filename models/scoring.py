@@ -17,8 +17,9 @@ from flax import nnx
 from models.buckets import DEFAULT_BUCKETS, Buckets, _check_prompts, _round_up, bucket
 from models.distributed import to_host
 from models.executables import _run
-from models.llama import Llama, compute_copy
-from models.placement import _batch_multiple, _put, _shard_ctx
+from models.llama import Llama, compute_copy, with_sharding
+from models.placement import _batch_multiple, _put, _shard_ctx, forward_shard
+from models.sharding import ShardingContext
 
 
 class Scores(NamedTuple):
@@ -28,6 +29,15 @@ class Scores(NamedTuple):
     total: np.ndarray
     per_token: Optional[list[np.ndarray]]
     hidden: Optional[np.ndarray]
+
+
+def _layout(model: Llama, graphdefs: dict, rows: int, tokens: int) -> tuple[Optional[ShardingContext], nnx.GraphDef]:
+    """The sharding of one batch's forward (`models.placement.forward_shard`) and the model's
+    graph for it, built once per layout into ``graphdefs`` (the state is shared by all)."""
+    ctx = forward_shard(model, rows, tokens)
+    if ctx not in graphdefs:
+        graphdefs[ctx] = nnx.split(with_sharding(model, ctx))[0]
+    return ctx, graphdefs[ctx]
 
 
 def _score_fn(graphdef, chunk, state, tokens_bt, seg_bt, plen_b, rlen_b):
@@ -81,6 +91,7 @@ def score(
     prompts = _check_prompts(model, prompt_tokens, 0)
     _check_prompts(model, [p + x for p, x in zip(prompts, responses)], 0, what="prompt + response")
     graphdef, state = nnx.split(model)
+    graphdefs = {ctx: graphdef}
     n = len(prompts)
     total = np.zeros((n,), np.float32)
     per_token: list[np.ndarray] = [np.zeros((0,), np.float32)] * n
@@ -104,8 +115,9 @@ def score(
             tokens[k, : len(seq)], seg[k, : len(seq)] = seq, 1
             plen[k], rlen[k] = len(prompts[i]), len(responses[i])
         two, one = ("batch", "length"), ("batch",)
-        lp, hid = _run("score", _score_fn, (graphdef, (step, rb)), (
-            state, _put(ctx, tokens, two), _put(ctx, seg, two), _put(ctx, plen, one), _put(ctx, rlen, one),
+        at, g = _layout(model, graphdefs, bb, t)
+        lp, hid = _run("score", _score_fn, (g, (step, rb)), (
+            state, _put(at, tokens, two), _put(at, seg, two), _put(at, plen, one), _put(at, rlen, one),
         ), desc=f"batch {bb}, length {t}, response {rb}")
         lp, hid = to_host(lp), to_host(hid)
         for k, i in enumerate(idx):
@@ -144,6 +156,7 @@ def next_token_logprobs(
     ctx = _shard_ctx(model)
     seqs = _check_prompts(model, sequences, 1, what="sequence")
     graphdef, state = nnx.split(model)
+    graphdefs = {ctx: graphdef}
     cand = jnp.asarray(np.asarray(candidate_ids, np.int32))
     out = np.zeros((len(seqs), len(candidate_ids)), np.float32)
     order = np.argsort([len(s) for s in seqs], kind="stable")
@@ -158,8 +171,9 @@ def next_token_logprobs(
         for k, i in enumerate(idx):
             tokens[k, : len(seqs[i])], seg[k, : len(seqs[i])], last[k] = seqs[i], 1, len(seqs[i]) - 1
         two, one = ("batch", "length"), ("batch",)
-        lp = _run("next_token", _next_token_fn, (graphdef,), (
-            state, _put(ctx, tokens, two), _put(ctx, seg, two), _put(ctx, last, one), cand,
+        at, g = _layout(model, graphdefs, bb, t)
+        lp = _run("next_token", _next_token_fn, (g,), (
+            state, _put(at, tokens, two), _put(at, seg, two), _put(at, last, one), cand,
         ), desc=f"batch {bb}, length {t}")
         out[idx] = to_host(lp)[: len(idx)]
     return out

@@ -51,6 +51,8 @@ DEFAULT_RULES: Mapping[str, Any] = {
     "act_vocab": "tensor",
     "cache_length": None,
 }
+_ACTIVATION_AXES = ("batch", "length", "residual_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp",
+                    "act_vocab", "cache_length")
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
@@ -163,6 +165,9 @@ class ShardingContext:
 
     mesh: Mesh
     rules: tuple[tuple[str, Any], ...] = tuple(DEFAULT_RULES.items())
+    # Gather a layer's weights no earlier than the layer before it starts (`models.llama.Llama`):
+    # left free, the compiler may gather every layer's weights at the start of the program.
+    weights_layer_by_layer: bool = False
 
     @property
     def rule_map(self) -> dict[str, Any]:
@@ -173,6 +178,15 @@ class ShardingContext:
 
     def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
+
+    def rows_only(self) -> "ShardingContext":
+        """The same mesh and parameter rules, with activations split by rows alone: ``batch`` over
+        every mesh axis, all other activation axes whole on each device. A forward under it gathers
+        each layer's weights where tensor parallelism would gather and scatter activations: the
+        cheaper traffic for a long forward over many rows (`models.placement.forward_shard`)."""
+        rules = {k: (None if k in _ACTIVATION_AXES else v) for k, v in self.rules}
+        rules["batch"] = tuple(a for a in MESH_AXES if a in self.mesh.shape)
+        return ShardingContext(self.mesh, tuple(rules.items()), weights_layer_by_layer=True)
 
     def shards(self, logical_axes: Sequence[str | None], shape: Sequence[int]) -> int:
         """How many pieces an array of ``shape`` with these axes is split into (each device holds

@@ -403,6 +403,26 @@ def test_generate_and_score_under_a_mesh_match_one_device(layout):
     assert [g.tolist() for g in prefill._length_groups([len(p) for p in uneven], 4, kw["buckets"])] == [[0, 4, 6, 2], [5, 1, 7, 3]]
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_long_readouts_split_by_rows_alone_score_as_on_one_device(impl, monkeypatch):
+    """Batches long enough to go by rows alone (`models.placement.forward_shard`) score as the
+    unsharded model does, through both attention paths (the kernels once per device's rows)."""
+    taken = []
+    real = scoring.forward_shard
+    monkeypatch.setattr(scoring, "forward_shard", lambda *a: taken.append(real(*a)) or taken[-1])
+    config = TINY.replace(attention_impl=impl)
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    sharded, plain = models.create_model(config, seed=4, mesh=mesh), models.create_model(config, seed=4)
+    seqs = prompts_of([150, 200, 90, 180, 40, 210, 120, 160], seed=31)
+    np.testing.assert_allclose(scoring.next_token_logprobs(sharded, seqs, [3, 4, 5], batch_size=8),
+                               scoring.next_token_logprobs(plain, seqs, [3, 4, 5], batch_size=8), atol=1e-5)
+    prompts, responses = [q[:30] for q in seqs], [q[30:] for q in seqs]
+    np.testing.assert_allclose(scoring.score(sharded, prompts, responses, batch_size=8),
+                               scoring.score(plain, prompts, responses, batch_size=8), rtol=1e-5)
+    assert len(taken) == 4 and taken[0] == taken[2] == sharded.shard.rows_only()  # the sharded calls, then the plain
+    assert taken[1] is taken[3] is None
+
+
 def test_pallas_decode_kernel_path_matches_xla_greedy_alone_and_on_a_mesh(tiny, monkeypatch):
     """With attention_impl="pallas" the cache keeps keys as [B, K, S, H] and decode steps go through
     the decode kernel (interpret mode here): tokens equal the XLA model's naive greedy decoding."""

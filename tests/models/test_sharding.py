@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import models
+from models.llama import with_sharding
+from models.placement import forward_shard
 from models.sharding import ShardingContext, compiler_options, logical_to_spec, make_mesh
 from tests.models.oracle import hf_logits, make_hf_checkpoint, max_rel_err
 
@@ -70,14 +73,43 @@ def test_sharded_forward_on_2x2x2_mesh_equals_single_device(tmp_path):
     batch_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
     x = jax.device_put(jnp.asarray(tokens), batch_sharding)
 
-    from flax import nnx
-
     graphdef, state = nnx.split(sharded)
     fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
     out = fwd(state, x)
     ref = single(jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
     assert max_rel_err(out, hf_logits(hf, tokens)) < 1e-4
+
+
+def test_a_forward_split_by_rows_alone_matches_hugging_face(tmp_path):
+    hf = make_hf_checkpoint(str(tmp_path), vocab_size=128, num_attention_heads=4, num_key_value_heads=2)
+    _, sharded = models.load_model(str(tmp_path), mesh=make_mesh("data=2,fsdp=2,tensor=2"))
+    rows = with_sharding(sharded, sharded.shard.rows_only())
+    assert dict(rows.layers[1].mlp.shard.rules)["batch"] == ("data", "fsdp", "tensor")
+    assert dict(rows.layers[1].mlp.shard.rules)["act_mlp"] is None
+    assert sharded.layers[1].mlp.shard is sharded.shard  # the original is left as it was
+    assert rows.layers[0].attn.q_proj_dnh.value is sharded.layers[0].attn.q_proj_dnh.value  # same arrays
+
+    tokens = np.random.default_rng(1).integers(0, 128, size=(8, 24))
+    x = jax.device_put(jnp.asarray(tokens), rows.shard.sharding(("batch", "length")))
+    assert {s.data.shape for s in x.addressable_shards} == {(1, 24)}  # one row per device
+    graphdef, state = nnx.split(rows)
+    out = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, x)
+    assert max_rel_err(out, hf_logits(hf, tokens)) < 1e-4
+
+
+def test_a_forward_is_split_by_rows_alone_when_that_moves_fewer_bytes():
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    model = models.create_model(models.get_config("tiny"), seed=0, mesh=mesh)
+    # By hand: P = 106,816 parameters; tensor parallelism moves 4·L·(rows/dp)·T·D = 4·2·(8/4)·T·64
+    # = 1,024·T elements, so 8 rows go by rows alone from T = 105 (107,520 > 106,816) on.
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model))) == 106_816
+    assert forward_shard(model, 8, 104) is model.shard
+    assert forward_shard(model, 8, 105) == model.shard.rows_only()
+    assert forward_shard(model, 12, 4096) is model.shard  # 12 rows do not split over 8 devices
+    flat = models.create_model(models.get_config("tiny"), seed=0, mesh=make_mesh("data=2,fsdp=4"))
+    assert forward_shard(flat, 8, 4096) is flat.shard  # no tensor axis: nothing to trade
+    assert forward_shard(models.create_model(models.get_config("tiny"), seed=0), 8, 4096) is None
 
 
 def test_create_model_on_mesh_initialises_parameters_already_sharded():
