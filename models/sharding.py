@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
-DEFAULT_RULES: Mapping[str, Any] = {
-    # parameters
+_PARAMETER_RULES: Mapping[str, Any] = {
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -37,7 +36,8 @@ DEFAULT_RULES: Mapping[str, Any] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
-    # activations
+}
+_ACTIVATION_RULES: Mapping[str, Any] = {
     "batch": ("data", "fsdp"),
     "length": None,
     # The residual stream between decoder blocks (what remat keeps per layer for the backward pass)
@@ -51,8 +51,7 @@ DEFAULT_RULES: Mapping[str, Any] = {
     "act_vocab": "tensor",
     "cache_length": None,
 }
-_ACTIVATION_AXES = ("batch", "length", "residual_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp",
-                    "act_vocab", "cache_length")
+DEFAULT_RULES: Mapping[str, Any] = {**_PARAMETER_RULES, **_ACTIVATION_RULES}
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
@@ -184,7 +183,7 @@ class ShardingContext:
         every mesh axis, all other activation axes whole on each device. A forward under it gathers
         each layer's weights where tensor parallelism would gather and scatter activations: the
         cheaper traffic for a long forward over many rows (`models.placement.forward_shard`)."""
-        rules = {k: (None if k in _ACTIVATION_AXES else v) for k, v in self.rules}
+        rules = {k: (None if k in _ACTIVATION_RULES else v) for k, v in self.rules}
         rules["batch"] = tuple(a for a in MESH_AXES if a in self.mesh.shape)
         return ShardingContext(self.mesh, tuple(rules.items()), weights_layer_by_layer=True)
 
