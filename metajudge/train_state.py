@@ -139,11 +139,11 @@ def _is_var(x: Any) -> bool:
 def _split_model(model: nnx.Module, remat: bool, mesh: Optional[Mesh]) -> tuple[Any, Any]:
     """``(graphdef, params)``; the graphdef's activation constraints are re-pointed at ``mesh``
     (so a model built for one mesh trains or restores on another) and ``remat`` is switched on."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, _, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError("the model holds non-Param state; TrainState only carries nnx.Param variables")
     old = getattr(model, "shard", None)
-    clone = with_sharding(nnx.merge(graphdef, params),  # new module objects: the caller's model is left as it is
+    clone = with_sharding(model,  # new module objects: the caller's model is left as it is
                           None if mesh is None else (ShardingContext(mesh) if old is None else ShardingContext(mesh, old.rules)))
     if remat and hasattr(clone, "config"):
         clone.config = clone.config.replace(remat=True)

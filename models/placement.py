@@ -8,13 +8,11 @@ sharding they would have.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from models.distributed import put_global
 from models.executables import compiling_only
@@ -48,8 +46,7 @@ def forward_shard(model: Llama, rows: int, tokens: int) -> Optional[ShardingCont
         return ctx
     c = model.config
     activations = 4 * c.num_layers * (rows // data_parallel_size(ctx.mesh)) * tokens * c.hidden_size
-    params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model)))
-    return ctx.rows_only() if params < activations else ctx
+    return ctx.rows_only() if c.num_params < activations else ctx
 
 
 def _constrain_tree(ctx: Optional[ShardingContext], tree: Any, axes: Any) -> Any:
